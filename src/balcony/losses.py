@@ -1,0 +1,331 @@
+"""Self-distillation losses for Balcony exits, and a chunked version that never holds all logits.
+
+Teacher and student logits both come from the same frozen LM head: the teacher from the
+final (normed) hidden state, the student from an exit's (normed) hidden state. With a
+49k vocabulary, (batch * seq * vocab) logits per exit are the largest tensors in training,
+so `chunked_distill_loss` applies the head a chunk of tokens at a time and keeps only an
+(N, H) gradient between forward and backward (the "fused linear cross-entropy" trick).
+
+Conventions: logits are (N, V) rows of already-flattened tokens; a row is *counted* when its
+label is not ``ignore_index`` and its ``mask`` entry (if given) is True. Uncounted rows add
+nothing to any term, and "mean" divides by the number of counted rows, not by the batch size.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+KINDS = ("kl", "reverse_kl", "jsd", "ce")
+REDUCTIONS = ("sum", "mean", "none")
+
+__all__ = [
+    "KINDS",
+    "chunked_distill_loss",
+    "count_tokens",
+    "distill_loss",
+    "kl_per_token",
+    "top1_agreement",
+]
+
+
+def _upcast(x: Tensor) -> Tensor:
+    # Softmax over a 49k vocab in bf16/fp16 loses most of the tail mass; float32 at least
+    # (fp64 stays fp64 so tests can compare gradients tightly).
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _counted(n: int, labels: Tensor | None, mask: Tensor | None, ignore_index: int, device) -> Tensor:
+    """(N,) bool: rows that count towards the loss."""
+    keep = torch.ones(n, dtype=torch.bool, device=device)
+    if labels is not None:
+        keep = keep & (labels.reshape(-1) != ignore_index)
+    if mask is not None:
+        keep = keep & mask.reshape(-1).to(torch.bool)
+    return keep
+
+
+def _check(kind: str, reduction: str, temperature: float, ce_weight: float, has_teacher: bool, has_labels: bool) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown loss kind {kind!r}; expected one of {KINDS}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if (kind == "ce" or ce_weight > 0) and not has_labels:
+        raise ValueError(f"kind={kind!r} with ce_weight={ce_weight!r} needs labels, got labels=None")
+    if kind != "ce" and not has_teacher:
+        raise ValueError(f"kind={kind!r} needs teacher logits; only kind='ce' works without a teacher")
+
+
+def _divergence(student_logits: Tensor, teacher_logits: Tensor, kind: str, temperature: float) -> Tensor:
+    """Per-row divergence at temperature T, times T^2. (..., V) -> (...)."""
+    log_q = F.log_softmax(_upcast(student_logits) / temperature, dim=-1)  # student
+    log_p = F.log_softmax(_upcast(teacher_logits).detach() / temperature, dim=-1)  # teacher, a constant
+    if kind == "kl":  # KL(p || q): mass-covering, the standard distillation direction
+        div = (log_p.exp() * (log_p - log_q)).sum(-1)
+    elif kind == "reverse_kl":  # KL(q || p): mode-seeking
+        div = (log_q.exp() * (log_q - log_p)).sum(-1)
+    elif kind == "jsd":  # JS with beta = 0.5, via m = (p + q) / 2 computed in log space
+        log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
+        div = 0.5 * (log_p.exp() * (log_p - log_m)).sum(-1) + 0.5 * (log_q.exp() * (log_q - log_m)).sum(-1)
+    else:
+        raise ValueError(f"unknown divergence kind {kind!r}; expected one of {KINDS[:-1]}")
+    # Hinton: softened gradients shrink as 1/T^2, so scale back to keep magnitudes comparable.
+    return div * temperature**2
+
+
+def distill_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor | None,
+    labels: Tensor | None = None,
+    *,
+    mask: Tensor | None = None,
+    kind: str = "kl",
+    temperature: float = 1.0,
+    ce_weight: float = 0.0,
+    kl_weight: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "sum",
+) -> Tensor:
+    """Distillation loss of student logits against (constant) teacher logits.
+
+    ``loss = kl_weight * T^2 * D_T(teacher, student) + ce_weight * CE(student, labels)``
+    per counted row, where D_T is the chosen divergence of the temperature-T softmaxes and CE
+    is at temperature 1. ``kind="ce"`` is the plain LM loss: the result is just CE against
+    ``labels`` (teacher, temperature, kl_weight and ce_weight are unused).
+
+    Args:
+        student_logits: (N, V) student logits; gradients flow into these.
+        teacher_logits: (N, V) teacher logits, detached; may be None only for ``kind="ce"``.
+        labels: (N,) next-token ids aligned with the rows, or None. Rows equal to
+            ``ignore_index`` are excluded from every term. Required when CE is used.
+        mask: optional (N,) bool; False rows are excluded too (e.g. padding when there are
+            no labels). Combined with the labels' mask by AND.
+        kind: "kl" (KL(p_teacher || p_student)), "reverse_kl" (KL(p_student || p_teacher)),
+            "jsd" (Jensen-Shannon, beta 0.5) or "ce".
+        temperature: T > 0 for the divergence term.
+        ce_weight: weight of the CE-against-labels term added to the divergence.
+        kl_weight: weight of the divergence term.
+        ignore_index: label value marking rows to skip.
+        reduction: "sum" over counted rows (normalise yourself by a global token count
+            across chunks / processes), "mean" over counted rows (0 if none), or "none"
+            for the (N,) per-row loss with uncounted rows set to 0.
+
+    Returns:
+        A float32 (or float64, for fp64 inputs) scalar, or (N,) for ``reduction="none"``.
+    """
+    _check(kind, reduction, temperature, ce_weight, teacher_logits is not None, labels is not None)
+    n = student_logits.shape[0]
+    if student_logits.dim() != 2 or (teacher_logits is not None and teacher_logits.shape != student_logits.shape):
+        got = None if teacher_logits is None else tuple(teacher_logits.shape)
+        raise ValueError(f"expected (N, V) student and teacher logits of one shape, got {tuple(student_logits.shape)} and {got}")
+    keep = _counted(n, labels, mask, ignore_index, student_logits.device)
+
+    if kind == "ce":
+        per_row = F.cross_entropy(_upcast(student_logits), labels, ignore_index=ignore_index, reduction="none")
+    else:
+        per_row = kl_weight * _divergence(student_logits, teacher_logits, kind, temperature)
+        if ce_weight > 0:
+            ce = F.cross_entropy(_upcast(student_logits), labels, ignore_index=ignore_index, reduction="none")
+            per_row = per_row + ce_weight * ce
+    # `where` (not multiply) so a garbage uncounted row cannot leak NaN/inf into the sum.
+    per_row = torch.where(keep, per_row, torch.zeros((), dtype=per_row.dtype, device=per_row.device))
+
+    if reduction == "none":
+        return per_row
+    if reduction == "sum":
+        return per_row.sum()
+    return per_row.sum() / keep.sum().clamp_min(1)
+
+
+def count_tokens(labels: Tensor | None, ignore_index: int = -100, *, mask: Tensor | None = None) -> Tensor:
+    """Number of counted tokens, as a 0-dim int64 tensor (no host sync).
+
+    Args:
+        labels: (...) label ids; entries equal to ``ignore_index`` do not count. May be None
+            if ``mask`` is given.
+        ignore_index: label value marking tokens to skip.
+        mask: optional (...) bool of the same number of elements; False entries do not count.
+    """
+    if labels is None and mask is None:
+        raise ValueError("count_tokens needs labels or mask, got neither")
+    ref = labels if labels is not None else mask
+    return _counted(ref.numel(), labels, mask, ignore_index, ref.device).sum()
+
+
+class _FusedChunkLoss(torch.autograd.Function):
+    """Sum of per-chunk losses; the gradient w.r.t. the hidden states is computed in forward.
+
+    Only the (N, H) gradient survives forward, so peak memory is one chunk's logits (plus their
+    gradient) instead of all N rows. Valid only when nothing else (e.g. head weights) needs grads.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, chunk_loss: Callable[[Tensor, int, int], Tensor], chunk_size: int) -> Tensor:
+        grad = torch.empty_like(hidden)
+        total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
+        for start in range(0, hidden.shape[0], chunk_size):
+            end = min(start + chunk_size, hidden.shape[0])
+            h = hidden[start:end].detach().requires_grad_(True)
+            with torch.enable_grad():  # forward of a Function runs under no_grad
+                loss = chunk_loss(h, start, end)
+            (grad[start:end],) = torch.autograd.grad(loss, h)
+            total = total + loss.detach()
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None
+
+
+def _head_requires_grad(head: Callable[[Tensor], Tensor]) -> bool:
+    # A Module, or a bound method of one (e.g. `lm_head.forward`). Plain functions closing over
+    # trainable tensors are not detectable: their tensors must be frozen.
+    module = head if isinstance(head, nn.Module) else getattr(head, "__self__", None)
+    return isinstance(module, nn.Module) and any(p.requires_grad for p in module.parameters())
+
+
+def chunked_distill_loss(
+    student_hidden: Tensor,
+    teacher_hidden_or_logits: Tensor | None,
+    head: Callable[[Tensor], Tensor],
+    labels: Tensor | None = None,
+    *,
+    mask: Tensor | None = None,
+    chunk_size: int = 1024,
+    teacher_is_logits: bool = False,
+    **loss_kwargs,
+) -> Tensor:
+    """`distill_loss` on ``head(student_hidden)``, computed ``chunk_size`` tokens at a time.
+
+    Value and gradients (w.r.t. ``student_hidden`` and, if trainable, the head's parameters)
+    equal those of ``distill_loss(head(s), head(t), labels, reduction="mean")`` on the whole
+    flattened batch, but no more than one chunk of (chunk_size, V) logits is alive at once:
+
+    * head frozen: a custom autograd Function computes each chunk's gradient w.r.t. its hidden
+      rows during forward and keeps only that (N, H) tensor (one head pass per chunk);
+    * head with trainable parameters (e.g. sorted fine-tuning): `torch.utils.checkpoint` per
+      chunk, so backward recomputes each chunk's logits (two head passes per chunk).
+
+    Args:
+        student_hidden: (B, T, H) or (N, H) normed exit hidden states.
+        teacher_hidden_or_logits: teacher normed final hidden states of the same leading shape
+            ((..., H)), or teacher logits ((..., V)) when ``teacher_is_logits``; treated as a
+            constant. May be None for ``kind="ce"``.
+        head: maps (n, H) -> (n, V), e.g. the LM head. If it is not an nn.Module (or a bound
+            method of one), any tensors it closes over must not require grad.
+        labels: (B, T) or (N,) next-token ids aligned with the rows, or None.
+        mask: optional (B, T) or (N,) bool; False rows do not count.
+        chunk_size: tokens per chunk, >= 1.
+        teacher_is_logits: whether the teacher tensor already holds logits.
+        **loss_kwargs: `distill_loss` options (kind, temperature, ce_weight, kl_weight,
+            ignore_index); ``reduction`` may be "mean" (default) or "sum".
+
+    Returns:
+        Scalar loss: mean (or sum) over counted tokens.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
+    reduction = loss_kwargs.pop("reduction", "mean")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"chunked_distill_loss reduction must be one of ('mean', 'sum'), got {reduction!r}")
+    kind, ce_weight = loss_kwargs.get("kind", "kl"), loss_kwargs.get("ce_weight", 0.0)
+    _check(kind, reduction, loss_kwargs.get("temperature", 1.0), ce_weight,
+           teacher_hidden_or_logits is not None, labels is not None)
+
+    hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    teacher = None
+    if teacher_hidden_or_logits is not None and kind != "ce":
+        teacher = teacher_hidden_or_logits.detach()
+        teacher = teacher.reshape(-1, teacher.shape[-1])
+        if teacher.shape[0] != hidden.shape[0]:
+            raise ValueError(f"teacher has {teacher.shape[0]} tokens, student {hidden.shape[0]}")
+    labels = None if labels is None else labels.reshape(-1)
+    mask = None if mask is None else mask.reshape(-1)
+
+    def chunk_loss(h: Tensor, start: int, end: int) -> Tensor:
+        t = None
+        if teacher is not None:
+            t = teacher[start:end]
+            if not teacher_is_logits:
+                with torch.no_grad():
+                    t = head(t)
+        return distill_loss(
+            head(h), t,
+            None if labels is None else labels[start:end],
+            mask=None if mask is None else mask[start:end],
+            reduction="sum", **loss_kwargs,
+        )
+
+    n = hidden.shape[0]
+    starts = range(0, n, chunk_size)
+    if not torch.is_grad_enabled() or not (hidden.requires_grad or _head_requires_grad(head)):
+        with torch.no_grad():  # evaluation: nothing to keep
+            total = sum((chunk_loss(hidden[s:s + chunk_size], s, min(s + chunk_size, n)) for s in starts),
+                        hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32)))
+    elif _head_requires_grad(head):
+        def ckpt(h: Tensor, s: int) -> Tensor:  # checkpoint stores only h (a view) and s
+            return chunk_loss(h, s, min(s + chunk_size, n))
+        total = sum((checkpoint(ckpt, hidden[s:s + chunk_size], s, use_reentrant=False) for s in starts),
+                    hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32)))
+    else:
+        total = _FusedChunkLoss.apply(hidden, chunk_loss, chunk_size)
+
+    if reduction == "sum":
+        return total
+    ref = labels if labels is not None else mask
+    count = torch.tensor(n, device=hidden.device) if ref is None else count_tokens(labels, loss_kwargs.get("ignore_index", -100), mask=mask)
+    return total / count.clamp_min(1)
+
+
+@torch.no_grad()
+def top1_agreement(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Fraction of counted tokens whose student and teacher argmax agree (0 if none counted).
+
+    Args:
+        student_logits: (..., V).
+        teacher_logits: (..., V), same shape.
+        mask: optional (...) bool; False tokens are skipped.
+
+    Returns:
+        A float32 scalar in [0, 1].
+    """
+    same = student_logits.argmax(-1) == teacher_logits.argmax(-1)
+    if mask is None:
+        return same.float().mean()
+    mask = mask.to(torch.bool)
+    return (same & mask).sum().float() / mask.sum().clamp_min(1).float()
+
+
+@torch.no_grad()
+def kl_per_token(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    kind: str = "kl",
+    temperature: float = 1.0,
+) -> Tensor:
+    """Per-token divergence for evaluation (no grad), T^2-scaled like the training loss.
+
+    Args:
+        student_logits: (..., V).
+        teacher_logits: (..., V), same shape.
+        kind: "kl", "reverse_kl" or "jsd".
+        temperature: T > 0.
+
+    Returns:
+        (...) float32 (float64 for fp64 inputs) divergence per token; mask it yourself.
+    """
+    if kind not in KINDS[:-1]:
+        raise ValueError(f"unknown divergence kind {kind!r}; expected one of {KINDS[:-1]}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    return _divergence(student_logits, teacher_logits, kind, temperature)
