@@ -24,7 +24,9 @@ def tiny_dir(tmp_path, tiny_tokenizer_dir):
 
 
 def test_parser_is_built_from_signatures():
-    from balcony import commands  # noqa: F401
+    from balcony.cli import load_commands
+
+    load_commands()
 
     parser = build_parser()
     args = parser.parse_args(["generate", "hello", "--budget", "S", "--max-new-tokens", "3", "--sample"])
