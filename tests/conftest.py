@@ -9,3 +9,49 @@ def tiny_tokenizer_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tok")
     tok.save_pretrained(d)
     return d, len(tok)
+
+
+# Chat template in the ChatML style SmolLM2 uses, enough to see that messages go through it.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map, which byte-level BPE vocabularies use."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A byte-level tokenizer built in memory: token id == UTF-8 byte value.
+
+    Specials: ``<|endoftext|>`` = 256 (EOS), ``<|pad|>`` = 257, ``<|im_start|>`` = 258,
+    ``<|im_end|>`` = 259. It adds no BOS, and has a ChatML ``chat_template``.
+    So ``tiny_tokenizer("hi")["input_ids"] == list(b"hi")``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_chars = _bytes_to_unicode()
+    backend = Tokenizer(models.BPE(vocab={byte_chars[b]: b for b in range(256)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|endoftext|>",
+        pad_token="<|pad|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    assert tokenizer.eos_token_id == 256 and tokenizer.pad_token_id == 257
+    assert tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [258, 259]
+    return tokenizer

@@ -26,7 +26,10 @@ REDUCTIONS = ("sum", "mean", "none")
 
 __all__ = [
     "KINDS",
+    "centered_gram",
     "chunked_distill_loss",
+    "logit_mse_loss",
+    "multi_exit_distill_loss",
     "count_tokens",
     "distill_loss",
     "kl_per_token",
@@ -329,3 +332,114 @@ def kl_per_token(
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     return _divergence(student_logits, teacher_logits, kind, temperature)
+
+
+def multi_exit_distill_loss(
+    exit_hidden: list[Tensor],
+    teacher_hidden: Tensor | None,
+    head: Callable[[Tensor], Tensor],
+    labels: Tensor | None = None,
+    *,
+    mask: Tensor | None = None,
+    chunk_size: int = 512,
+    weights: list[float] | None = None,
+    **loss_kwargs,
+) -> tuple[Tensor, Tensor]:
+    """`chunked_distill_loss` for several exits at once, sharing the teacher per chunk.
+
+    The teacher's logits are computed once per chunk and reused by every exit, and one
+    backward call serves all exits (each exit's gradient still flows only into its own
+    hidden state). Memory stays at one chunk of (chunk_size, V) logits per exit.
+
+    Args:
+        exit_hidden: E tensors (B, T, H) (or (N, H)), the normed exit states.
+        teacher_hidden: (B, T, H) normed final state (None for ``kind="ce"``).
+        head: (n, H) -> (n, V), the shared LM head.
+        labels, mask, chunk_size, **loss_kwargs: as in `chunked_distill_loss`.
+        weights: per-exit loss weights (default 1 each).
+
+    Returns:
+        (total, per_exit): the weighted sum of per-exit mean losses (what to backward), and
+        an (E,) detached tensor of each exit's mean loss (for logging).
+
+    Example:
+        >>> total, per_exit = multi_exit_distill_loss([s1, s2], teacher, lm_head)  # doctest: +SKIP
+    """
+    if not exit_hidden:
+        raise ValueError("multi_exit_distill_loss needs at least one exit hidden state")
+    e = len(exit_hidden)
+    weights = [1.0] * e if weights is None else list(weights)
+    if len(weights) != e:
+        raise ValueError(f"weights has {len(weights)} entries for {e} exits")
+    h = exit_hidden[0].shape[-1]
+    stacked = torch.stack([x.reshape(-1, h) for x in exit_hidden], dim=1)  # (N, E, H)
+    kind = loss_kwargs.get("kind", "kl")
+    _check(kind, "sum", loss_kwargs.get("temperature", 1.0), loss_kwargs.get("ce_weight", 0.0),
+           teacher_hidden is not None, labels is not None)
+    teacher = None if teacher_hidden is None or kind == "ce" else teacher_hidden.detach().reshape(-1, h)
+    labels = None if labels is None else labels.reshape(-1)
+    mask = None if mask is None else mask.reshape(-1)
+    per_exit = torch.zeros(e, dtype=torch.float64, device=stacked.device)
+    w = torch.tensor(weights, dtype=torch.float32, device=stacked.device)
+
+    def chunk_loss(hs: Tensor, start: int, end: int) -> Tensor:
+        t = None
+        if teacher is not None:
+            with torch.no_grad():
+                t = head(teacher[start:end])  # (n, V), shared by every exit
+        lab = None if labels is None else labels[start:end]
+        msk = None if mask is None else mask[start:end]
+        losses = torch.stack([distill_loss(head(hs[:, k]), t, lab, mask=msk, reduction="sum", **loss_kwargs) for k in range(e)])
+        per_exit.add_(losses.detach().double())
+        return (losses * w.to(losses.dtype)).sum()
+
+    n = stacked.shape[0]
+    if torch.is_grad_enabled() and _head_requires_grad(head):
+        total = sum(
+            (checkpoint(lambda x, s: chunk_loss(x, s, min(s + chunk_size, n)), stacked[s:s + chunk_size], s, use_reentrant=False)
+             for s in range(0, n, chunk_size)),
+            stacked.new_zeros((), dtype=torch.float32),
+        )
+        # checkpoint re-runs chunk_loss in backward; per_exit was filled once in forward already
+    elif torch.is_grad_enabled() and stacked.requires_grad:
+        total = _FusedChunkLoss.apply(stacked, chunk_loss, chunk_size)
+    else:
+        with torch.no_grad():
+            total = sum((chunk_loss(stacked[s:s + chunk_size], s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)),
+                        stacked.new_zeros((), dtype=torch.float32))
+    ref = labels if labels is not None else mask
+    count = torch.tensor(n, device=stacked.device) if ref is None else count_tokens(labels, loss_kwargs.get("ignore_index", -100), mask=mask)
+    count = count.clamp_min(1)
+    return total / count, (per_exit / count).float()
+
+
+def centered_gram(head_weight: Tensor) -> Tensor:
+    """G = W_c^T W_c / V for the LM head weight W (V, H), W_c = W minus its mean row.
+
+    ``(a - b)^T G (a - b)`` is the mean squared difference of the *centred* logits of two
+    hidden states: logits are compared up to a per-token shift, as softmax does. It costs
+    H^2 per token instead of V * H for the head itself.
+    """
+    w = head_weight.detach().double()
+    wc = w - w.mean(0, keepdim=True)
+    return (wc.T @ wc / w.shape[0]).float()
+
+
+def logit_mse_loss(student_hidden: Tensor, teacher_hidden: Tensor, gram: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Head-free distillation: mean over tokens of the centred-logit MSE, via `centered_gram`.
+
+    Args:
+        student_hidden: (..., H) normed exit state.
+        teacher_hidden: (..., H) normed final state (constant).
+        gram: (H, H) from `centered_gram(lm_head.weight)`.
+        mask: optional (...) bool of counted tokens.
+
+    Returns:
+        Scalar: mean over counted tokens of mean_v (z_s - z_t - mean)^2, the logit MSE.
+    """
+    d = (_upcast(student_hidden) - _upcast(teacher_hidden.detach())).reshape(-1, student_hidden.shape[-1])  # (N, H)
+    per_token = ((d @ gram.to(d.dtype)) * d).sum(-1)
+    if mask is None:
+        return per_token.mean()
+    m = mask.reshape(-1).to(per_token.dtype)
+    return (per_token * m).sum() / m.sum().clamp_min(1)

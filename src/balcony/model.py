@@ -401,6 +401,29 @@ class BalconyModel(nn.Module):
             exit_hidden[j] = self._run_exit(j, tap, masks, layer_kwargs, None, False)
         return DistillOutput(teacher_hidden=teacher, exit_hidden=exit_hidden)
 
+    def run_exits(
+        self,
+        taps: dict[int, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> dict[int, torch.Tensor]:
+        """Run exit modules on hidden states saved from an earlier frozen pass.
+
+        This is the training step on cached features: the base is not run at all.
+
+        Args:
+            taps: exit layer -> (B, T, H) hidden state after that many base layers.
+            attention_mask: optional (B, T) padding mask.
+            position_ids: optional (B, T) positions (as in the pass that made the taps).
+
+        Returns:
+            exit layer -> (B, T, H) normed exit state.
+        """
+        ref = next(iter(taps.values()))
+        with torch.no_grad():
+            _, masks, layer_kwargs = self._prepare(None, ref, attention_mask, position_ids, None)
+        return {j: self._run_exit(j, tap, masks, layer_kwargs, None, False) for j, tap in taps.items()}
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, exit: Exit = None, **kwargs):
         """Generate at one budget; see `balcony.generation.generate` for the options."""

@@ -1,0 +1,144 @@
+"""The default training corpus: textbook-style passages written by the base model itself.
+
+Like the synthetic Cosmopedia data the paper trained on, but generated locally so
+`balcony train` runs offline out of the box. Self-generated text is also exactly
+the distribution the teacher is confident on. Passages are appended to a JSONL
+file in the cache as they are made, so an interrupted build resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from .loading import cache_dir
+
+TOPICS = [
+    "photosynthesis", "the water cycle", "plate tectonics", "volcanoes", "the solar system", "black holes",
+    "the human heart", "the immune system", "DNA and genes", "evolution by natural selection", "bacteria and viruses",
+    "the periodic table", "chemical reactions", "acids and bases", "electricity and circuits", "magnetism",
+    "Newton's laws of motion", "energy and work", "light and optics", "sound waves", "climate and weather",
+    "the Roman Empire", "ancient Egypt", "the Renaissance", "the Industrial Revolution", "the French Revolution",
+    "World War I", "the Cold War", "the printing press", "the Silk Road", "democracy in ancient Athens",
+    "supply and demand", "inflation", "banks and interest", "international trade", "budgeting personal money",
+    "fractions and decimals", "prime numbers", "the Pythagorean theorem", "probability", "statistics and averages",
+    "algebraic equations", "geometry of circles", "computer programming basics", "how the internet works",
+    "algorithms and sorting", "databases", "machine learning", "cybersecurity", "renewable energy", "recycling",
+    "healthy eating", "sleep and the brain", "exercise and muscles", "first aid", "mental health", "nutrition labels",
+    "writing a persuasive essay", "grammar and punctuation", "poetry and rhyme", "Shakespeare's plays",
+    "world religions", "philosophy of ethics", "logic and arguments", "psychology of memory", "language learning",
+    "music theory", "the history of jazz", "painting techniques", "architecture of cathedrals", "film making",
+    "gardening", "cooking bread", "coffee and tea", "bees and pollination", "oceans and coral reefs", "rainforests",
+    "deserts", "mountains and glaciers", "rivers and erosion", "maps and navigation", "time zones", "space exploration",
+    "the Moon landing", "robots", "3D printing", "electric cars", "airplanes and flight", "bridges and engineering",
+]
+STYLES = [
+    "a textbook section for high-school students",
+    "a short lesson for middle-school students",
+    "an explanatory blog post for curious adults",
+    "a university lecture summary",
+    "a step-by-step tutorial",
+    "a story that teaches the idea to children",
+    "a question-and-answer study guide",
+]
+
+
+def _prompts(tok, n: int, seed: int) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        topic, style = rng.choice(TOPICS), rng.choice(STYLES)
+        request = f"Write {style} about {topic}. Be concrete and accurate."
+        if getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template([{"role": "user", "content": request}], tokenize=False, add_generation_prompt=True)
+        else:
+            text = f"{request}\n\n"
+        out.append((topic, text))
+    return out
+
+
+def corpus_path(model, seed: int) -> Path:
+    """Where the generated corpus of `model` lives in the cache."""
+    key = f"{model.config.base_config_fingerprint}-{model.config.base_model_name_or_path}-{seed}"
+    return cache_dir() / "corpus" / f"generated-{hashlib.sha256(key.encode()).hexdigest()[:12]}.jsonl"
+
+
+def _count_tokens(path: Path) -> int:
+    if not path.is_file():
+        return 0
+    return sum(json.loads(line)["tokens"] for line in path.read_text().splitlines() if line.strip())
+
+
+@torch.no_grad()
+def generated_corpus(
+    model,
+    tok,
+    *,
+    num_tokens: int = 200_000,
+    batch_size: int = 32,
+    max_new_tokens: int = 320,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    seed: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Build (or extend) the self-generated corpus until it holds `num_tokens` tokens.
+
+    Args:
+        model: A BalconyModel (generation runs at its full budget: the base model).
+        tok: Its tokenizer.
+        num_tokens: Tokens of generated text wanted.
+        batch_size: Prompts generated together.
+        max_new_tokens: Length cap of one passage.
+        temperature, top_p: Sampling settings (diverse but on-distribution).
+        seed: Seed of topics and sampling.
+        progress: Show a progress bar.
+
+    Returns:
+        Path of the JSONL file (fields ``text``, ``topic``, ``tokens``).
+    """
+    path = corpus_path(model, seed)
+    have = _count_tokens(path)
+    if have >= num_tokens:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done_lines = len(path.read_text().splitlines()) if path.is_file() else 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num_tokens, initial=have, desc="generating default corpus (cached once)", unit="tok", unit_scale=True)
+    device = next(model.parameters()).device
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    round_no = done_lines // batch_size
+    while have < num_tokens:
+        prompts = _prompts(tok, batch_size, seed * 7919 + round_no)
+        enc = [tok(text, add_special_tokens=False).input_ids for _, text in prompts]
+        width = max(map(len, enc))
+        ids = torch.full((len(enc), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, e in enumerate(enc):  # left padding
+            ids[i, width - len(e):] = torch.tensor(e)
+            mask[i, width - len(e):] = 1
+        gen = torch.Generator().manual_seed(seed * 104729 + round_no)
+        out = model.generate(ids.to(device), mask.to(device), exit=None, max_new_tokens=max_new_tokens, do_sample=True,
+                             temperature=temperature, top_p=top_p, eos_token_id=tok.eos_token_id, generator=gen)
+        with open(path, "a") as f:
+            for (topic, _), row in zip(prompts, out[:, width:].tolist()):
+                if tok.eos_token_id in row:
+                    row = row[: row.index(tok.eos_token_id)]
+                text = tok.decode(row, skip_special_tokens=True).strip()
+                if len(row) < 16:
+                    continue
+                f.write(json.dumps({"text": text, "topic": topic, "tokens": len(row)}) + "\n")
+                have += len(row)
+                if bar is not None:
+                    bar.update(len(row))
+        round_no += 1
+    if bar is not None:
+        bar.close()
+    return path
