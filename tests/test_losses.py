@@ -252,3 +252,46 @@ def test_errors():
         chunked_distill_loss(hs, ht, head, hl, kind="bogus")
     with pytest.raises(ValueError, match="labels"):
         chunked_distill_loss(hs, ht, head, kind="ce")
+
+
+# --------------------------------------------------------------------------- multi-exit + head-free
+
+
+def test_multi_exit_loss_equals_sum_of_single_exit_losses_and_grads():
+    from balcony.losses import multi_exit_distill_loss
+
+    torch.manual_seed(0)
+    H, V = 8, 13
+    head = torch.nn.Linear(H, V, bias=False).double().requires_grad_(False)
+    s1 = torch.randn(2, 5, H, dtype=torch.float64, requires_grad=True)
+    s2 = torch.randn(2, 5, H, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 5, H, dtype=torch.float64)
+    labels = torch.randint(0, V, (2, 5))
+    labels[0, :2] = -100
+    total, per = multi_exit_distill_loss([s1, s2], t, head, labels, chunk_size=3, ce_weight=0.3, weights=[1.0, 0.5])
+    total.backward()
+    g1, g2 = s1.grad.clone(), s2.grad.clone()
+    s1.grad = s2.grad = None
+    r1 = chunked_distill_loss(s1, t, head, labels, chunk_size=100, ce_weight=0.3)
+    r2 = chunked_distill_loss(s2, t, head, labels, chunk_size=100, ce_weight=0.3)
+    (r1 + 0.5 * r2).backward()
+    assert torch.allclose(total, r1 + 0.5 * r2, atol=1e-12)
+    assert torch.allclose(per.double(), torch.stack([r1, r2]).detach(), atol=1e-6)
+    assert torch.allclose(g1, s1.grad, atol=1e-12) and torch.allclose(g2, s2.grad, atol=1e-12)
+
+
+def test_logit_mse_is_the_centred_logit_mse_and_zero_for_identical_states():
+    from balcony.losses import centered_gram, logit_mse_loss
+
+    torch.manual_seed(1)
+    H, V = 8, 13
+    w = torch.randn(V, H, dtype=torch.float64)
+    s, t = torch.randn(3, 4, H, dtype=torch.float64), torch.randn(3, 4, H, dtype=torch.float64)
+    d = s @ w.T - t @ w.T
+    d = d - d.mean(-1, keepdim=True)  # a per-token shift of the logits does not count
+    gram = centered_gram(w).double()
+    assert torch.allclose(logit_mse_loss(s, t, gram), d.pow(2).mean(), rtol=1e-5)
+    assert logit_mse_loss(t, t, gram).item() == 0.0
+    mask = torch.zeros(3, 4, dtype=torch.bool)
+    mask[0] = True
+    assert torch.allclose(logit_mse_loss(s, t, gram, mask), d[0].pow(2).mean(), rtol=1e-5)

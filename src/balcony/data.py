@@ -679,6 +679,16 @@ def batches_per_epoch(data: Sized, batch_size: int, *, drop_last: bool = True) -
     return len(data) // batch_size if drop_last else math.ceil(len(data) / batch_size)
 
 
+def epoch_order(num_rows: int, *, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled row order of one epoch; batch k of the epoch is ``order[k*B:(k+1)*B]``.
+
+    One generator per (seed, epoch): the order of epoch e never depends on having
+    drawn epochs 0..e-1, which is what makes resuming exact.
+    """
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**63)
+    return torch.randperm(num_rows, generator=generator)
+
+
 def iterate_batches(
     data: PackedData,
     batch_size: int,
@@ -717,8 +727,6 @@ def iterate_batches(
     _check_int("epoch", epoch, minimum=0)
     if isinstance(start_step, bool) or not isinstance(start_step, int) or not 0 <= start_step <= n_batches:
         raise ValueError(f"start_step must be an integer in [0, {n_batches}] (batches per epoch), got {start_step!r}")
-    # One generator per (seed, epoch): the order of epoch e never depends on having drawn epochs 0..e-1.
-    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**63)
-    order = torch.randperm(len(data), generator=generator)
+    order = epoch_order(len(data), seed=seed, epoch=epoch)
     for step in range(start_step, n_batches):
         yield data[order[step * batch_size : (step + 1) * batch_size]]

@@ -445,7 +445,8 @@ class BalconyModel(nn.Module):
         from safetensors.torch import save_file
 
         os.makedirs(save_directory, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.exit_state_dict().items()}
+        # clone: exits may share a tensor (the Sorted baseline reads the base's own final norm)
+        tensors = {k: v.detach().cpu().clone().contiguous() for k, v in self.exit_state_dict().items()}
         save_file(tensors, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
         self.config.save(save_directory)
 

@@ -17,6 +17,7 @@ The paper's recipe (KL only, no caching) stays available as ``recipe: paper``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -32,7 +33,7 @@ from torch import nn
 
 from .cli import command
 from .config import BalconyConfig
-from .data import DataConfig, PackedData, batches_per_epoch, iterate_batches, prepare_data
+from .data import DataConfig, PackedData, batches_per_epoch, epoch_order, prepare_data
 from .features import FeatureCache, build_feature_cache
 from .loading import DEFAULT_EXITS, DEFAULT_MODEL, cache_dir, is_default, load_base
 from .losses import centered_gram, logit_mse_loss, multi_exit_distill_loss
@@ -222,7 +223,13 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not KEY=VALUE (e.g. lr=1e-4)")
         key, value = item.split("=", 1)
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        out[key.strip().replace("-", "_")] = parsed
     return out
 
 
@@ -297,7 +304,9 @@ def load_training_data(cfg: TrainConfig, tok, model: BalconyModel) -> tuple[Pack
         seed=cfg.seed,
     )
     max_pos = getattr(model.base.config, "max_position_embeddings", None)
-    cache = cache_dir() / "tokenized" / f"{abs(hash((dataset, cfg.seq_len))) % 10**12}.safetensors"
+    # One cache file per (dataset, seq_len); prepare_data rebuilds it when the fingerprint changes.
+    key = hashlib.sha256(f"{Path(dataset).resolve() if Path(dataset).exists() else dataset}|{cfg.seq_len}|{cfg.text_field}".encode()).hexdigest()[:16]
+    cache = cache_dir() / "tokenized" / f"{key}.safetensors"
     train, held_out = prepare_data(data_cfg, tok, max_positions=max_pos, cache_path=cache)
     if len(train) == 0:
         raise ValueError(f"dataset {dataset!r} gave no training rows of {cfg.seq_len} tokens")
@@ -583,10 +592,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     interrupted = False
     try:
         while state["step"] < total_steps:
-            order = iterate_batches(train_rows, cfg.batch_size, seed=cfg.seed, epoch=state["epoch"], start_step=state["batch_in_epoch"])
             exhausted = True
-            for rows_batch in _with_rows(order, train_rows, cfg, state):
-                batch, rows = rows_batch
+            for batch, rows in _with_rows(train_rows, cfg, state):
                 if features is not None:
                     batch = features.batch(rows, compute_dtype)
                 batch = _to_device(batch, accelerator.device)
@@ -611,7 +618,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                     bar.update(1)
                     bar.set_postfix({str(j): f"{float(v):.3f}" for j, v in zip(objective_exits(objective), per_exit.tolist())}, refresh=False)
                 if main and (state["step"] % cfg.log_every == 0 or state["step"] == total_steps):
-                    logger.log({"step": state["step"], "loss": float(loss), "lr": scheduler.get_last_lr()[0], "tokens": state["tokens"],
+                    logger.log({"step": state["step"], "loss": float(loss.detach()), "lr": scheduler.get_last_lr()[0], "tokens": state["tokens"],
                                 "tokens_per_s": state["tokens"] / max(state["seconds"], 1e-9), "phase": phase, **per})
                 if cfg.eval_every and state["step"] % cfg.eval_every == 0 and main:
                     res = evaluate()
@@ -660,12 +667,12 @@ def objective_exits(objective) -> list[int]:
     return getattr(objective, "module", objective).exits
 
 
-def _with_rows(order, rows: PackedData, cfg: TrainConfig, state: dict):
-    """Pair each batch with its row indices (the feature cache indexes by row)."""
-    gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + state["epoch"]) % 2**63)
-    perm = torch.randperm(len(rows), generator=gen)  # the same order `iterate_batches` draws
-    for k, batch in enumerate(order, start=state["batch_in_epoch"]):
-        yield batch, perm[k * cfg.batch_size : (k + 1) * cfg.batch_size]
+def _with_rows(rows: PackedData, cfg: TrainConfig, state: dict):
+    """The rest of this epoch's batches, each with its row indices (the feature cache indexes by row)."""
+    order = epoch_order(len(rows), seed=cfg.seed, epoch=state["epoch"])
+    for k in range(state["batch_in_epoch"], batches_per_epoch(rows, cfg.batch_size)):
+        idx = order[k * cfg.batch_size : (k + 1) * cfg.batch_size]
+        yield rows[idx], idx
 
 
 def _to_device(batch: dict, device) -> dict:
