@@ -179,7 +179,17 @@ def test_policy_backs_off_after_a_failed_climb():
     assert p.update(1.2, 10).budget == "L"  # ... and it overloaded at once: the next climb waits twice as long
     assert p.update(1.3, 0).budget == "L"
     assert p.update(2.4, 0).budget == "L"
-    assert p.update(3.3, 0).budget == "XL"
+    assert p.update(3.4, 0).budget == "XL"
+
+
+def test_policy_counts_refusals_as_overload():
+    p = _policy(target_latency_s=1.0, down_cooldown_s=0.5, latency_window_s=2.0)
+    p.observe_rejection(0.0)
+    assert p.update(0.0, 0).budget == "L"
+    assert p.update(0.6, 0).budget == "L"  # that refusal was answered by the step down
+    p.observe_rejection(0.7)
+    assert p.update(0.7, 0).budget == "M"
+    assert p.update(5.0, 0).budget == "M" and p.pressure == 0.0  # old refusals leave the window
 
 
 def test_text_stream_holds_back_stop_prefixes():
@@ -200,6 +210,9 @@ def test_models_health_and_metrics(server):
     ids = [m.id for m in models.data]
     assert ids == [NAME] + [f"{NAME}:{b}" for b in BUDGETS]
     assert models.data[1].model_extra["exit_layer"] == 2
+    assert client(port).models.retrieve(f"{NAME}:M").model_extra["budget"] == "M"
+    with pytest.raises(openai.NotFoundError):
+        client(port).models.retrieve(f"{NAME}:XXL")
     status, _, body = raw(port, "GET", "/health")
     assert status == 200 and body["status"] == "ok" and body["budgets"] == {"S": 2, "M": 3, "L": 4, "XL": 6}
     status, headers, text = raw(port, "GET", "/metrics")
@@ -302,11 +315,27 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     assert got == 404 and "error" in err
     with pytest.raises(openai.NotFoundError):
         client(port).completions.create(model="nope", prompt="hi")
-    # Speculative decoding: a clear 400 until the model supports it, then a normal answer.
-    got, headers, body = raw(port, "POST", "/v1/completions", {**ok, "speculative": True, "budget": "S"})
-    assert (got == 400 and body["error"]["code"] == "speculative_unsupported") or (got == 200 and body["budget"] == "S")
+    got, _, err = raw(port, "POST", "/v1/completions", {**ok, "model": f"{NAME}:XL", "speculative": True})
+    assert got == 400 and err["error"]["param"] == "speculative"  # the full model cannot draft for itself
     resp = client(port).completions.create(model=f"{NAME}:S", prompt="hello", max_tokens=2)
     assert resp.budget == "S" and resp.choices[0].finish_reason in ("stop", "length")
+
+
+def test_speculative_requests(server, tiny):
+    port, app = server
+    model, tok = tiny
+    body = {"model": NAME, "prompt": "hello world", "max_tokens": 6, "temperature": 0, "speculative": True, "budget": "S"}
+    got, headers, resp = raw(port, "POST", "/v1/completions", body)
+    if app.state.scheduler.speculative_error:  # a build without self-speculative decoding: a clear 400
+        assert got == 400 and resp["error"]["code"] == "speculative_unsupported"
+        return
+    assert got == 200 and resp["budget"] == "S" and resp["speculative"] is True
+    assert headers["x-balcony-budget"] == "S" and headers["x-balcony-speculative"] == "true"
+    assert resp["choices"][0]["text"] == expected(model, tok, "hello world", "XL", 6)  # lossless: the full model's answer
+    # Streaming, and auto: the draft budget stays below the full model.
+    chunks = list(client(port).completions.create(model=NAME, prompt="hello world", max_tokens=6, temperature=0, stream=True, extra_body={"speculative": True}))
+    assert "".join(c.choices[0].text for c in chunks) == resp["choices"][0]["text"]
+    assert {c.budget for c in chunks} == {"L"} and all(c.speculative for c in chunks)
 
 
 def test_full_queue_answers_429_fast_and_timeouts_504(tiny, monkeypatch):
@@ -356,11 +385,27 @@ def test_client_disconnect_frees_the_slot(tiny, monkeypatch):
         assert seen.startswith(b"HTTP/1.1 200") and b"x-balcony-budget: S" in seen
         sock.close()  # the client goes away after the first token
         deadline = time.monotonic() + 5
-        while app.state.scheduler.running and time.monotonic() < deadline:
+        while (app.state.scheduler.running or metrics.value("balcony_rejected_total", {"reason": "disconnect"}) < 1) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert app.state.scheduler.running == 0
         assert metrics.value("balcony_generation_tokens_total", {"budget": "S"}) < 64
         assert metrics.value("balcony_rejected_total", {"reason": "disconnect"}) == 1
+        # Not streaming: the server notices while it waits for the answer.
+        body = json.dumps({"model": f"{NAME}:M", "prompt": "hello", "max_tokens": 64}).encode()
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+        )
+        while not app.state.scheduler.running:
+            time.sleep(0.01)
+        sock.close()
+        deadline = time.monotonic() + 5
+        while (app.state.scheduler.running or metrics.value("balcony_rejected_total", {"reason": "disconnect"}) < 2) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert app.state.scheduler.running == 0
+        assert metrics.value("balcony_generation_tokens_total", {"budget": "M"}) < 64
+        assert metrics.value("balcony_rejected_total", {"reason": "disconnect"}) == 2
 
 
 def test_auto_budget_moves_down_under_a_burst_and_back_after(tiny, monkeypatch):
@@ -375,7 +420,7 @@ def test_auto_budget_moves_down_under_a_burst_and_back_after(tiny, monkeypatch):
                 time.sleep(0.005)
             gate.open.set()
             burst = [f.result().budget for f in futures]
-        assert "XL" in burst and set(burst) - {"XL"}, burst  # the first batch ran at XL, later ones smaller
+        assert set(burst) - {"XL"}, burst  # the backlog pushed batches to smaller budgets
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             time.sleep(0.2)

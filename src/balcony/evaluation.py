@@ -421,12 +421,14 @@ class TaskResults:
         samples: task -> number of documents scored.
         higher_is_better: task -> metric -> bool.
         seconds: variant key -> wall time of its harness run.
+        requested: The task names asked for (a group's subtasks also appear in `scores`).
     """
 
     scores: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     samples: dict[str, int] = field(default_factory=dict)
     higher_is_better: dict[str, dict[str, bool]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    requested: list[str] = field(default_factory=list)
 
 
 def resolve_tasks(tasks: Sequence[str], include_path: Sequence[str | os.PathLike] | None = None):
@@ -518,7 +520,7 @@ def evaluate_tasks(
         lm = SharedBudgetsLM(list(variants), tokenizer, batch_size=batch_size, shared=engine == "shared")
     finally:
         lm_logger.setLevel(max(level, logging.WARNING))
-    out = TaskResults()
+    out = TaskResults(requested=list(tasks))
     for v in variants:
         lm.select(v.key)
         t0 = time.perf_counter()
@@ -697,17 +699,15 @@ class EvalReport:
         """Write results.json, results.csv, results.md and results.txt into `output_dir`."""
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        paths = {
-            "json": out / "results.json",
-            "csv": out / "results.csv",
-            "markdown": out / "results.md",
-            "text": out / "results.txt",
-        }
+        paths = {kind: out / name for kind, name in RESULT_FILES.items()}
         paths["json"].write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n")
         paths["csv"].write_text(self.to_csv())
         paths["markdown"].write_text(self.to_markdown() + "\n")
         paths["text"].write_text(self.to_text() + "\n")
         return paths
+
+
+RESULT_FILES = {"json": "results.json", "csv": "results.csv", "markdown": "results.md", "text": "results.txt"}
 
 
 def _task_label(task: str, metric: str, percent: bool) -> str:
@@ -754,6 +754,8 @@ def make_report(
     from .plots import match_speedup
 
     tasks = list(task_results.scores[variants[0].key]) if task_results and task_results.scores else []
+    if task_results and any(t in tasks for t in task_results.requested):
+        tasks = [t for t in task_results.requested if t in tasks]  # a group's row, not its subtasks
     shown, percent = {}, {}
     for t in tasks:
         hib = task_results.higher_is_better.get(t, {})
@@ -906,7 +908,7 @@ def run_evaluation(
         from .plots import read_bench
 
         bench = read_bench(bench_json)
-    passages = load_texts(text if isinstance(text, (str, os.PathLike)) or text is None else list(text)) if text else None
+    passages = load_texts(text) if text else None
 
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
@@ -928,7 +930,7 @@ def run_evaluation(
         "num_fewshot": num_fewshot,
         "engine": engine,
         "batch_size": batch_size,
-        "text": None if text is None else (str(text) if isinstance(text, (str, os.PathLike)) else f"{len(passages)} passages"),
+        "text": str(text) if isinstance(text, (str, os.PathLike)) else None if text is None else f"{len(passages)} passages",
         "seq_len": seq_len,
         "text_tokens": text_tokens,
         "bench_json": None if bench_json is None else str(bench_json),
@@ -949,13 +951,13 @@ def run_evaluation(
         meta["distill_tokens"] = distill[FULL]["tokens"]
     report = make_report(variants, task_results, distill, bench=bench, metric=metric, meta=meta)
     if out_dir:
-        paths = report.write(out_dir)
+        plots = {}
         if plot:
             from .plots import plot_report
 
-            paths.update(plot_report(report, out_dir, bench=bench))
-        report.meta["files"] = {k: str(p) for k, p in paths.items()}
-        paths["json"].write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+            plots = plot_report(report, out_dir, bench=bench)
+        report.meta["files"] = {**{k: str(out_dir / name) for k, name in RESULT_FILES.items()}, **{k: str(p) for k, p in plots.items()}}
+        report.write(out_dir)
     if tmp:
         import shutil
 

@@ -1,17 +1,17 @@
-"""Where decoding happens: prefill, one-token decode and sampling at one budget.
+"""Sampling, and the generation entry points (which run on `balcony.engine`).
 
-Kept as a few small functions in the spirit of gpt-fast. A KV cache holds only
-the layers the chosen budget runs; switching budget is just another call.
+`SamplingConfig`, `logits_to_probs` and `sample` live here so that the engine
+and self-speculative decoding (`balcony.speculative`) share one definition of
+"the distribution a token is drawn from". `generate` / `generate_stream` are
+the engine's, re-exported under their historical home.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
-
-from .model import BalconyModel, Exit
 
 
 @dataclass
@@ -40,7 +40,7 @@ class SamplingConfig:
 
 
 def logits_to_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
-    """(B, V) logits -> (B, V) probabilities after temperature, top-k and top-p."""
+    """(..., V) logits -> (..., V) probabilities after temperature, top-k and top-p."""
     logits = logits.float() / cfg.temperature
     if cfg.top_k:
         kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
@@ -55,110 +55,33 @@ def logits_to_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     return logits.softmax(-1)
 
 
-def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, V) logits -> (B,) next tokens. Sampling uses the exponential trick: no host sync."""
-    if not cfg.do_sample:
-        return logits.argmax(-1)
-    probs = logits_to_probs(logits, cfg)
+def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(..., V) (possibly unnormalised) probabilities -> (...,) samples, by the exponential trick (no host sync)."""
     noise = torch.empty_like(probs).exponential_(1, generator=generator)
     return (probs / noise).argmax(-1)
 
 
-def prefill(model: BalconyModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, exit: int):
-    """Run the prompt at one budget; returns (last-position logits (B, V), cache)."""
-    out = model(input_ids, attention_mask, exit=exit, use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1], out.cache
+def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, V) logits -> (B,) next tokens: argmax when greedy, else a draw from `logits_to_probs`."""
+    if not cfg.do_sample:
+        return logits.argmax(-1)
+    return sample_from_probs(logits_to_probs(logits, cfg), generator)
 
 
-def decode_one_token(model: BalconyModel, token: torch.Tensor, attention_mask: torch.Tensor | None, cache, exit: int):
-    """One decode step: (B,) last tokens -> (B, V) next logits, extending `cache` in place."""
-    out = model(token[:, None], attention_mask, exit=exit, cache=cache, use_cache=True)
-    return out.logits[:, -1]
+def generate_stream(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> Iterator[torch.Tensor]:
+    """Yield (B,) new tokens one step at a time; see `balcony.engine.generate_stream`."""
+    from .engine import generate_stream as _stream
+
+    return _stream(model, input_ids, attention_mask, **kwargs)
 
 
-def generate_stream(
-    model: BalconyModel,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    *,
-    exit: Exit = None,
-    max_new_tokens: int = 32,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float = 1.0,
-    eos_token_id: int | list[int] | None = None,
-    generator: torch.Generator | None = None,
-    stop: Callable[[torch.Tensor], bool] | None = None,
-) -> Iterator[torch.Tensor]:
-    """Yield (B,) new tokens one step at a time at the chosen budget.
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    """Generate at one budget, or speculatively (``speculative=True``); returns (B, T + new) ids.
 
-    Sequences that have produced EOS keep yielding EOS. See `generate` for the arguments.
-    """
-    if max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"the prompt is empty: input_ids has shape {tuple(input_ids.shape)}; give at least one token")
-    cfg = SamplingConfig(do_sample, temperature, top_k, top_p)
-    j = model.resolve_exit(exit)
-    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []), device=input_ids.device)
-    logits, cache = prefill(model, input_ids, attention_mask, j)
-    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    for step in range(max_new_tokens):
-        token = sample(logits, cfg, generator)
-        if eos.numel():
-            token = torch.where(done, eos[0], token)
-            done = done | torch.isin(token, eos)
-        yield token
-        if step == max_new_tokens - 1 or (eos.numel() and bool(done.all())) or (stop is not None and stop(token)):
-            return
-        if attention_mask is not None:
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
-        logits = decode_one_token(model, token, attention_mask, cache, j)
-
-
-def generate(
-    model: BalconyModel,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    *,
-    exit: Exit = None,
-    max_new_tokens: int = 32,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float = 1.0,
-    eos_token_id: int | list[int] | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Generate at one budget; returns (B, T + new) ids (prompt included).
-
-    Args:
-        model: The Balcony model.
-        input_ids: (B, T) prompt ids, left-padded when lengths differ.
-        attention_mask: (B, T) 1 for real tokens, 0 for padding.
-        exit: Budget name, exit layer, or None for the full model.
-        max_new_tokens: How many tokens to add (>= 1).
-        do_sample, temperature, top_k, top_p: Sampling; greedy by default.
-        eos_token_id: Stop a sequence at this token (or any of these).
-        generator: Seeded `torch.Generator` for reproducible sampling.
+    See `balcony.engine.generate` for the options and
+    `balcony.speculative.speculative_generate` for ``speculative=True``.
 
     Example:
-        >>> out = model.generate(ids, exit="S", max_new_tokens=16)  # doctest: +SKIP
+        >>> out = generate(model, ids, exit="S", max_new_tokens=16)  # doctest: +SKIP
     """
-    tokens = list(
-        generate_stream(
-            model,
-            input_ids,
-            attention_mask,
-            exit=exit,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            eos_token_id=eos_token_id,
-            generator=generator,
-        )
-    )
-    return torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1)
+    return model.generate(input_ids, attention_mask, **kwargs)

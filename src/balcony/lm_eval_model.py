@@ -72,7 +72,7 @@ class BalconyLM(HFLM):
             for plain early exit at the same layers.
         exit_layers: Layers for fresh exits (``"14;17;20"``) when `exits` is not given.
         tokenizer: Tokenizer (object, hub id or path); default: the base model's.
-        dtype: Weights dtype when loading the base.
+        dtype: Weights dtype when loading the base (``auto``: float32).
         device: ``cpu``, ``cuda``, ``cuda:1``, ...; default CUDA when available.
         batch_size: As for ``hf`` (an int, or ``auto``).
         **kwargs: Passed to `HFLM` (``max_length``, ``add_bos_token``, ``truncation``, ...).
@@ -100,6 +100,8 @@ class BalconyLM(HFLM):
         **kwargs: Any,
     ) -> None:
         exits = exits or None
+        if dtype in ("auto", None):
+            dtype = "float32"
         if isinstance(pretrained, BalconyModel):
             if exits is not None or exit_kind is not None:
                 raise ValueError("pass exits / exit_kind only with a base model, not with a ready BalconyModel")

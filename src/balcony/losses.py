@@ -394,7 +394,25 @@ def multi_exit_distill_loss(
         return (losses * w.to(losses.dtype)).sum()
 
     n = stacked.shape[0]
-    if torch.is_grad_enabled() and _head_requires_grad(head):
+    temperature = loss_kwargs.get("temperature", 1.0)
+    ce_weight = loss_kwargs.get("ce_weight", 0.0)
+    fast = (
+        kind == "kl" and teacher is not None and torch.is_grad_enabled() and stacked.requires_grad
+        and isinstance(head, nn.Linear) and head.bias is None and not _head_requires_grad(head)
+        and loss_kwargs.get("kl_weight", 1.0) == 1.0
+    )
+    if fast:
+        ignore_index = loss_kwargs.get("ignore_index", -100)
+
+        def manual(hs: Tensor, start: int, end: int) -> tuple[Tensor, Tensor]:
+            lab = None if labels is None else labels[start:end]
+            msk = None if mask is None else mask[start:end]
+            losses, grad = _kl_chunk(hs, teacher[start:end], head.weight, lab, msk, temperature, ce_weight, ignore_index, w)
+            per_exit.add_(losses.double())
+            return (losses * w.to(losses.dtype)).sum(), grad
+
+        total = _ManualChunkLoss.apply(stacked, manual, chunk_size)
+    elif torch.is_grad_enabled() and _head_requires_grad(head):
         total = sum(
             (checkpoint(lambda x, s: chunk_loss(x, s, min(s + chunk_size, n)), stacked[s:s + chunk_size], s, use_reentrant=False)
              for s in range(0, n, chunk_size)),
@@ -411,6 +429,82 @@ def multi_exit_distill_loss(
     count = torch.tensor(n, device=stacked.device) if ref is None else count_tokens(labels, loss_kwargs.get("ignore_index", -100), mask=mask)
     count = count.clamp_min(1)
     return total / count, (per_exit / count).float()
+
+
+class _ManualChunkLoss(torch.autograd.Function):
+    """Like `_FusedChunkLoss`, but each chunk returns its loss *and* its gradient directly."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, chunk_fn, chunk_size: int) -> Tensor:
+        grad = torch.empty_like(hidden)
+        total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
+        for start in range(0, hidden.shape[0], chunk_size):
+            end = min(start + chunk_size, hidden.shape[0])
+            loss, grad[start:end] = chunk_fn(hidden[start:end].detach(), start, end)
+            total = total + loss
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None
+
+
+@torch.no_grad()
+def _kl_chunk(
+    hs: Tensor, teacher_h: Tensor, weight: Tensor, labels: Tensor | None, mask: Tensor | None,
+    temperature: float, ce_weight: float, ignore_index: int, exit_weights: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Forward KL (+ CE) for E exits of one chunk, with the gradient written out by hand.
+
+    d/dz [T^2 KL(softmax(t/T) || softmax(z/T))] = T (softmax(z/T) - softmax(t/T)), and
+    d/dz CE(z, y) = softmax(z) - onehot(y): no autograd graph, and the softmax passes over
+    the (n, V) logits are shared between value and gradient. The teacher's softmax is
+    computed once for all exits.
+
+    Args:
+        hs: (n, E, H) exit states; teacher_h: (n, H); weight: (V, H) LM head weight.
+
+    Returns:
+        (E,) summed loss per exit over counted rows, and (n, E, H) gradient of
+        sum_k exit_weights[k] * loss_k w.r.t. hs.
+    """
+    n, e, _ = hs.shape
+    dtype = torch.promote_types(hs.dtype, torch.float32)
+    keep = _counted(n, labels, mask, ignore_index, hs.device)
+    keep_f = keep.to(dtype)
+    t = F.linear(teacher_h, weight).to(dtype)  # (n, V)
+    if temperature != 1.0:
+        t = t / temperature
+    log_p = torch.log_softmax(t, dim=-1)
+    p = log_p.exp()
+    p_log_p = (p * log_p).sum(-1)  # (n,)
+    grad = torch.empty_like(hs)
+    losses = torch.empty(e, dtype=dtype, device=hs.device)
+    for k in range(e):
+        z = F.linear(hs[:, k], weight).to(dtype)  # (n, V)
+        zt = z / temperature if temperature != 1.0 else z
+        log_q = torch.log_softmax(zt, dim=-1)
+        rows = (p_log_p - (p * log_q).sum(-1)) * temperature**2
+        if ce_weight > 0:
+            safe = labels.clamp_min(0)[:, None]  # uncounted rows are zeroed below
+            log_s = log_q if temperature == 1.0 else torch.log_softmax(z, dim=-1)
+            rows = rows - ce_weight * log_s.gather(-1, safe).squeeze(-1)
+        q = log_q.exp_()  # softmax(z / T), reusing log_q's memory
+        if ce_weight > 0 and temperature == 1.0:
+            g = q.mul_(1.0 + ce_weight).sub_(p)  # (q - p) + ce * q
+        else:
+            g = q.sub_(p).mul_(temperature)
+            if ce_weight > 0:
+                g.add_(log_s.exp_(), alpha=ce_weight)
+        if ce_weight > 0:
+            g.scatter_add_(-1, safe, torch.full((n, 1), -ce_weight, dtype=dtype, device=hs.device))
+        rows = torch.where(keep, rows, torch.zeros((), dtype=dtype, device=hs.device))
+        losses[k] = rows.sum()
+        g.mul_((keep_f * exit_weights[k].to(dtype))[:, None])
+        grad[:, k] = (g @ weight.to(dtype)).to(hs.dtype)
+    return losses, grad
 
 
 def centered_gram(head_weight: Tensor) -> Tensor:

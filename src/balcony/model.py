@@ -425,9 +425,51 @@ class BalconyModel(nn.Module):
         return {j: self._run_exit(j, tap, masks, layer_kwargs, None, False) for j, tap in taps.items()}
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, exit: Exit = None, **kwargs):
-        """Generate at one budget; see `balcony.generation.generate` for the options."""
-        from .generation import generate
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        exit: Exit = None,
+        speculative: bool = False,
+        draft_length: int = 4,
+        draft_threshold: float | None = None,
+        return_stats: bool = False,
+        **kwargs,
+    ):
+        """Generate at one budget, or self-speculatively with `exit` as the drafter.
+
+        Args:
+            input_ids: (B, T) prompt ids, left-padded when lengths differ.
+            attention_mask: (B, T) 1 for real tokens, 0 for padding.
+            exit: The budget to decode at; with ``speculative=True``, the draft budget
+                (the output is then the full model's).
+            speculative: Draft at `exit`, verify with the remaining layers only.
+            draft_length: Tokens drafted per verify pass (speculative only).
+            draft_threshold: Stop a draft early once the exit's top-1 probability
+                falls below this (speculative only; None: always `draft_length`).
+            return_stats: Also return the `SpeculativeStats` (speculative only).
+            **kwargs: max_new_tokens, do_sample, temperature, top_k, top_p,
+                eos_token_id, pad_token_id, stop_strings, tokenizer, generator,
+                compile; see `balcony.engine.generate`.
+
+        Returns:
+            (B, T + new) ids; with ``return_stats=True`` a pair (ids, stats).
+
+        Example:
+            >>> out = model.generate(ids, exit="S", max_new_tokens=16)  # doctest: +SKIP
+            >>> out, stats = model.generate(ids, exit="S", speculative=True, draft_length=4, return_stats=True)  # doctest: +SKIP
+        """
+        if speculative:
+            from .speculative import speculative_generate
+
+            out, stats = speculative_generate(
+                self, input_ids, attention_mask, exit=exit, draft_length=draft_length, draft_threshold=draft_threshold, **kwargs
+            )
+            return (out, stats) if return_stats else out
+        if return_stats:
+            raise ValueError("return_stats=True needs speculative=True: plain decoding has no acceptance statistics")
+        from .engine import generate
 
         return generate(self, input_ids, attention_mask, exit=exit, **kwargs)
 

@@ -24,12 +24,10 @@ The decoder is called from one place, `decode_tokens`; switching to a faster
 engine is a change there only.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI must see the real `Request` class in handler signatures.
 import asyncio
 import json
 import logging
-import math
 import os
 import threading
 import time
@@ -50,6 +48,7 @@ log = logging.getLogger("balcony.serving")
 
 AUTO = "auto"
 BUDGET_HEADER = "x-balcony-budget"
+SPECULATIVE_HEADER = "x-balcony-speculative"
 
 
 # ====================================================================== errors
@@ -237,7 +236,7 @@ class ServeConfig:
         context_length: Prompt + completion token limit (default: the base's
             `max_position_embeddings`).
         target_latency_ms: Auto policy: time-to-first-token SLO in ms.
-        max_queue: Auto policy: queue depth counted as falling behind.
+        max_queue: Auto policy: requests waiting beyond the next batch counted as falling behind.
         auto_budgets: Budgets the auto policy may use (default: all).
         auto_up_hold_s: Auto policy: seconds of low load before stepping one budget up.
         auto_down_hold_s: Auto policy: seconds of overload before stepping one budget down.
@@ -304,6 +303,7 @@ class Job:
         seed: Seed for sampling (a seeded request is batched alone, for reproducibility).
         deadline: `time.monotonic()` after which the job is dropped.
         post: Thread-safe callback delivering an `Event` to the request.
+        auto: The budget was left to the auto policy (for metrics).
     """
 
     index: int
@@ -315,16 +315,23 @@ class Job:
     seed: int | None
     deadline: float
     post: Callable[[Event], None]
+    auto: bool = False
     arrival: float = field(default_factory=time.monotonic)
     cancelled: bool = False
     finished: bool = False
     served_budget: str | None = None
     generated: int = 0
 
-    def batch_key(self, auto_budget: str) -> tuple:
-        """Jobs with equal keys can share a batch."""
+    def batch_key(self, auto_budget: str, draft_budget: str | None) -> tuple:
+        """Jobs with equal keys can share a batch; the key starts with the budget to run at.
+
+        Args:
+            auto_budget: The auto policy's current choice.
+            draft_budget: What a speculative auto job drafts with (the choice, below the full model).
+        """
         seeded = self.sampling[0] and self.seed is not None
-        return (self.budget or auto_budget, self.speculative, self.sampling, id(self) if seeded else None)
+        budget = self.budget or (draft_budget if self.speculative else auto_budget)
+        return (budget, self.speculative, self.sampling, id(self) if seeded else None)
 
 
 # ===================================================================== decoder
@@ -342,10 +349,22 @@ def decode_tokens(
 ) -> Iterator["torch.Tensor"]:
     """Yield (B,) tokens per step: the server's one call into the decoder.
 
-    Swap the body for `balcony.engine` when it lands; nothing else calls the model.
+    Nothing else in the server runs the model, so a different engine is a change
+    here only. Finished rows may keep yielding an EOS id; the caller stops them.
+
+    Args:
+        model: The Balcony model.
+        input_ids: (B, T) left-padded prompt ids.
+        attention_mask: (B, T) 1 for real tokens, 0 for padding.
+        exit: The exit layer to decode at (with `speculative`, the draft exit).
+        max_new_tokens: Steps at most.
+        sampling: (do_sample, temperature, top_k, top_p).
+        eos_token_id: Ids that end a sequence.
+        generator: Seeded generator for sampling.
+        speculative: Self-speculative decoding (draft at `exit`, verify with the full model).
 
     Raises:
-        SpeculativeUnavailable: `speculative` was asked and the model cannot do it.
+        SpeculativeUnavailable: `speculative` was asked and this build cannot do it.
     """
     from .generation import generate_stream
 
@@ -354,14 +373,21 @@ def decode_tokens(
         exit=exit, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
         top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, generator=generator,
     )
-    if speculative:
-        try:
-            out = model.generate(input_ids, attention_mask, speculative=True, **kwargs)
-        except (TypeError, NotImplementedError) as e:
-            raise SpeculativeUnavailable(f"self-speculative decoding is not available in this build: {e}") from e
-        yield from out[:, input_ids.shape[1]:].unbind(1)
+    if not speculative:
+        yield from generate_stream(model, input_ids, attention_mask, **kwargs)
         return
-    yield from generate_stream(model, input_ids, attention_mask, **kwargs)
+    try:  # token by token when the build has it (one sequence at a time) ...
+        from .speculative import speculative_stream
+    except ImportError:
+        speculative_stream = None
+    if speculative_stream is not None and input_ids.shape[0] == 1:
+        yield from speculative_stream(model, input_ids, attention_mask, **kwargs)
+        return
+    try:  # ... else the whole answer at once
+        out = model.generate(input_ids, attention_mask, speculative=True, **kwargs)
+    except (TypeError, NotImplementedError) as e:
+        raise SpeculativeUnavailable(f"self-speculative decoding is not available in this build: {e}") from e
+    yield from out[:, input_ids.shape[1]:].unbind(1)
 
 
 # =================================================================== scheduler
@@ -442,6 +468,7 @@ class Scheduler:
                 raise ApiError(503, "The server is shutting down or its worker has stopped.", type="server_error", code="unavailable")
             if len(self._waiting) + len(jobs) > self.config.queue_capacity:
                 self.metrics.inc("balcony_rejected_total", {"reason": "queue_full"})
+                self.policy.observe_rejection(time.monotonic())
                 raise _queue_full(self.config.queue_capacity)
             now = time.monotonic()
             if self._last_arrival is not None:
@@ -531,13 +558,21 @@ class Scheduler:
                     self._cond.wait(head.arrival + window - now)
                     continue
                 auto = self._decide(now, max(0, len(self._waiting) - cfg.max_batch_size))
-                key = head.batch_key(auto)
-                limit = 1 if head.speculative else cfg.max_batch_size
-                batch = [job for job in self._waiting if job.batch_key(auto) == key][:limit]
+                draft = self.draft_budget(auto)
+                key = head.batch_key(auto, draft)
+                limit = 1 if head.speculative else cfg.max_batch_size  # speculative decoding runs one sequence
+                batch = [job for job in self._waiting if job.batch_key(auto, draft) == key][:limit]
                 chosen = set(map(id, batch))
                 self._waiting[:] = [job for job in self._waiting if id(job) not in chosen]
                 self._running = batch
                 return batch, key[0], head.speculative
+
+    def draft_budget(self, auto: str) -> str:
+        """The draft budget for a speculative auto request: the auto choice, kept below the full model."""
+        below = [b for b, j in self.model.budgets.items() if j < self.model.num_layers]
+        if self.model.budgets[auto] < self.model.num_layers or not below:
+            return auto
+        return below[-1]
 
     def _decide(self, now: float, backlog: int) -> str:
         decision = self.policy.update(now, backlog)
@@ -576,7 +611,7 @@ class Scheduler:
         for job in batch:
             job.served_budget = budget
             self.metrics.observe("balcony_queue_wait_seconds", start - job.arrival)
-            self.metrics.inc("balcony_budget_requests_total", {"budget": budget, "mode": "fixed" if job.budget else "auto"})
+            self.metrics.inc("balcony_budget_requests_total", {"budget": budget, "mode": "auto" if job.auto else "fixed"})
             job.post(Event("start", job.index, budget=budget))
         try:
             self._generate(batch, budget, speculative)
@@ -724,7 +759,7 @@ _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "a b
 
 
 def _type_name(value: Any) -> str:
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array", dict: "an object"}.get(type(value), "null" if value is None else type(value).__name__)
+    return _TYPE_NAMES.get(type(value), "null" if value is None else type(value).__name__)
 
 
 def _get(body: dict, name: str, kinds: tuple[type, ...], default: Any) -> Any:
@@ -864,6 +899,12 @@ class Frontend:
                 )
             budget = chosen
         speculative = _get(body, "speculative", (bool,), False)
+        if speculative and budget is not None and self.budgets[budget] >= self.model.num_layers:
+            raise ApiError(
+                400, f"Speculative decoding drafts with a smaller budget and verifies with the full model: "
+                f"choose a draft budget below {budget} (e.g. {next(iter(self.budgets))}).",
+                param="speculative", code="invalid_value",
+            )
         stream = _get(body, "stream", (bool,), False)
         stream_options = _get(body, "stream_options", (dict,), {})
         include_usage = bool(stream_options.get("include_usage", False))
@@ -1015,6 +1056,8 @@ class Frontend:
 class Ticket:
     """The jobs of one HTTP request and the queue their events arrive on."""
 
+    POLL_S = 0.25  # how often a waiting request checks whether its client is still there
+
     def __init__(self, scheduler: Scheduler, plan: Plan, config: ServeConfig):
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
@@ -1032,10 +1075,13 @@ class Ticket:
         budget = plan.budget
         if budget is None and len(plan.prompts) * plan.n > 1:
             budget = scheduler.policy.budget
+            if plan.speculative:
+                budget = scheduler.draft_budget(budget)
         self.jobs = [
             Job(
                 index=p * plan.n + k, prompt=prompt, max_tokens=plan.max_tokens, budget=budget, speculative=plan.speculative,
                 sampling=plan.sampling, seed=None if plan.seed is None else plan.seed + k, deadline=self.deadline, post=post,
+                auto=plan.budget is None,
             )
             for p, prompt in enumerate(plan.prompts)
             for k in range(plan.n)
@@ -1061,16 +1107,20 @@ class Ticket:
             ClientGone: `watch` is set and its client disconnected.
         """
         grace = 2.0
+        next_check = time.monotonic() + self.POLL_S
         while self._open:
-            remaining = self.deadline + grace - time.monotonic()
+            now = time.monotonic()
+            remaining = self.deadline + grace - now
             if remaining <= 0:
                 raise _timeout(self.timeout_s)
-            try:
-                event = await asyncio.wait_for(self.queue.get(), timeout=min(0.25, remaining))
-            except asyncio.TimeoutError:
+            if now >= next_check:
+                next_check = now + self.POLL_S
                 if self.watch is not None and await self.watch.is_disconnected():
                     self.close()
-                    raise ClientGone() from None
+                    raise ClientGone()
+            try:
+                event = await asyncio.wait_for(self.queue.get(), timeout=min(self.POLL_S, remaining))
+            except asyncio.TimeoutError:
                 continue
             if event.index not in self._open:
                 continue
@@ -1238,9 +1288,13 @@ def create_app(model: "BalconyModel", tokenizer, config: ServeConfig | None = No
                 ticket.close()
             record(kind, e.status, None, t0)
             return e.response()
-        except ClientGone:
+        except (ClientGone, asyncio.CancelledError) as e:  # the client left (the server may cancel us for it)
+            if ticket is not None:
+                ticket.close()
             metrics.inc("balcony_rejected_total", {"reason": "disconnect"})
             record(kind, 499, None, t0)
+            if isinstance(e, asyncio.CancelledError):
+                raise
             return JSONResponse({}, status_code=499)
         except BaseException:
             if ticket is not None:
@@ -1252,7 +1306,11 @@ def create_app(model: "BalconyModel", tokenizer, config: ServeConfig | None = No
         return {
             "id": ident, "object": obj + ("" if plan.kind == "completions" or not plan.stream else ".chunk"), "created": created,
             "model": f"{frontend.name}:{budget}", "system_fingerprint": f"balcony-{__version__}", "budget": budget,
+            **({"speculative": True} if plan.speculative else {}),
         }
+
+    def budget_headers(plan: Plan, budget: str) -> dict[str, str]:
+        return {BUDGET_HEADER: budget, **({SPECULATIVE_HEADER: "true"} if plan.speculative else {})}
 
     def usage(plan: Plan, counts: dict[int, int]) -> dict:
         prompt = sum(len(plan.prompts[i // plan.n]) for i in counts)
@@ -1294,7 +1352,7 @@ def create_app(model: "BalconyModel", tokenizer, config: ServeConfig | None = No
         body["choices"] = choices
         body["usage"] = usage(plan, {i: len(s.ids) for i, s in streams.items()})
         record(plan.kind, 200, budget, t0, body["usage"]["prompt_tokens"])
-        return JSONResponse(body, headers={BUDGET_HEADER: budget})
+        return JSONResponse(body, headers=budget_headers(plan, budget))
 
     async def start_stream(request: Request, plan: Plan, ticket: Ticket, t0: float):
         events = ticket.events()
@@ -1385,7 +1443,7 @@ def create_app(model: "BalconyModel", tokenizer, config: ServeConfig | None = No
                 ticket.close()
                 record(plan.kind, status, budget, t0, sum(len(p) for p in plan.prompts) * plan.n)
 
-        headers = {BUDGET_HEADER: budget, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        headers = {**budget_headers(plan, budget), "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(sse(), media_type="text/event-stream", headers=headers)
 
     @app.post("/v1/completions")
@@ -1460,7 +1518,7 @@ def serve(
         request_timeout_s: Per-request time limit, queueing included (504 after it).
         max_tokens_limit: Largest max_tokens a request may ask for.
         target_latency_ms: Auto budget: time-to-first-token SLO; step down when the p90 exceeds it.
-        max_queue: Auto budget: step down when more than this many requests wait (default 4 if no SLO is set).
+        max_queue: Auto budget: step down when more than this many requests wait beyond the next batch (default 4 if no SLO is set).
         auto_budgets: Budgets the auto policy may use, comma-separated (default: all).
         auto_up_hold_s: Auto budget: seconds of low load before stepping one budget back up.
         auto_down_cooldown_s: Auto budget: minimum seconds between two steps down.

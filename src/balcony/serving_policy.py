@@ -8,7 +8,9 @@ testable by replaying a synthetic load.
 The rule, with hysteresis so it does not flap:
 
 * **pressure** = the largest of ``queue_depth / max_queue`` and
-  ``latency quantile / target_latency`` (each only when configured);
+  ``latency quantile / target_latency`` (each only when configured), and at
+  least `REJECTION_PRESSURE` while a request refused for a full queue is
+  recent (refusing work is the clearest sign of falling behind);
 * pressure above 1 (behind) for ``down_hold_s`` -> one budget smaller, at most
   one step per ``down_cooldown_s``;
 * pressure below ``low_water`` (comfortably ahead) for ``up_hold_s`` -> one
@@ -24,7 +26,6 @@ import math
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import Sequence
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class Decision:
 
 
 DEFAULT_MAX_QUEUE = 4
+REJECTION_PRESSURE = 2.0
 
 
 class AutoBudgetPolicy:
@@ -121,6 +123,7 @@ class AutoBudgetPolicy:
         top = len(config.budgets) - 1
         self._level = top if start is None else list(config.budgets).index(start)
         self._latencies: deque[tuple[float, float]] = deque(maxlen=1024)
+        self._rejections: deque[float] = deque(maxlen=1024)
         self._over_since: float | None = None
         self._healthy_since: float | None = None
         self._last_change = -math.inf
@@ -147,6 +150,11 @@ class AutoBudgetPolicy:
         with self._lock:
             self._latencies.append((now, seconds))
 
+    def observe_rejection(self, now: float) -> None:
+        """Record one request refused because the queue was full."""
+        with self._lock:
+            self._rejections.append(now)
+
     def _latency_quantile(self, now: float) -> float | None:
         horizon = now - self.config.latency_window_s
         while self._latencies and self._latencies[0][0] < horizon:
@@ -165,6 +173,10 @@ class AutoBudgetPolicy:
             q = self._latency_quantile(now)
             if q is not None:
                 signals.append(q / self.config.target_latency_s)
+        while self._rejections and self._rejections[0] < now - self.config.latency_window_s:
+            self._rejections.popleft()
+        if self._rejections:
+            signals.append(REJECTION_PRESSURE)
         return max(signals)
 
     # ------------------------------------------------------------- deciding
@@ -173,7 +185,7 @@ class AutoBudgetPolicy:
 
         Args:
             now: The current time in seconds (any monotonic clock).
-            queue_depth: Requests waiting to start (not counting those running).
+            queue_depth: Requests waiting to start (the server passes those beyond the next batch).
 
         Returns:
             The decision; `budget` is what new work should run at.
@@ -221,6 +233,7 @@ class AutoBudgetPolicy:
         else:
             self._over_since = now
             self.switches["down"] += 1
-        # Latencies measured at the old budget say little about the new one.
+        # Latencies and refusals seen at the old budget say little about the new one.
         self._latencies.clear()
+        self._rejections.clear()
         return Decision(self.budget, pressure, step, reason)

@@ -1,0 +1,35 @@
+"""The generated default corpus: built once, cached, resumed, and used when no dataset is given."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tiny_models import tiny_base, tiny_hf_tokenizer
+
+from balcony import BalconyConfig, BalconyModel
+from balcony.corpus import TOPICS, corpus_path, generated_corpus
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("BALCONY_CACHE", str(tmp_path / "cache"))
+
+
+def test_generated_corpus_is_cached_and_extended():
+    tok = tiny_hf_tokenizer()
+    model = BalconyModel(tiny_base(vocab_size=len(tok)), BalconyConfig(exit_layers=[2]))
+    path = generated_corpus(model, tok, num_tokens=200, batch_size=4, max_new_tokens=24, progress=False)
+    rows = [json.loads(l) for l in path.read_text().splitlines()]
+    assert sum(r["tokens"] for r in rows) >= 200
+    assert all(r["topic"] in TOPICS and r["tokens"] >= 16 for r in rows)
+    assert path == corpus_path(model, 0)
+    # Asking for no more than what is there generates nothing.
+    model.generate = lambda *a, **k: (_ for _ in ()).throw(AssertionError("regenerated"))
+    assert generated_corpus(model, tok, num_tokens=200, progress=False) == path
+    del model.generate
+    # Asking for more appends: earlier passages are kept as they were.
+    before = path.read_text()
+    generated_corpus(model, tok, num_tokens=400, batch_size=4, max_new_tokens=24, progress=False)
+    after = path.read_text()
+    assert after.startswith(before) and len(after) > len(before)
