@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
             flag = "--" + pname.replace("_", "-")
             if tp is bool:
                 sub.add_argument(flag, action=argparse.BooleanOptionalAction, default=param.default, **kwargs)
+            elif typing.get_origin(tp) is list and typing.get_args(tp) == (str,):
+                sub.add_argument(flag, action="append", default=param.default, metavar="VALUE", **kwargs)
             elif typing.get_origin(tp) is list:
                 sub.add_argument(flag, type=_int_list, default=param.default, metavar="N,N,...", **kwargs)
             else:

@@ -663,7 +663,8 @@ class EvalReport:
 
     def to_markdown(self) -> str:
         """A GitHub Markdown table."""
-        cols, rows = self.columns(), self.records()
+        esc = lambda cells: [c.replace("|", "\\|") for c in cells]
+        cols, rows = esc(self.columns()), [esc(r) for r in self.records()]
         out = ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(cols) - 2)) + "|"]
         out += ["| " + " | ".join(r) + " |" for r in rows]
         return "\n".join(out)
@@ -694,6 +695,27 @@ class EvalReport:
             "rows": [r.__dict__ for r in self.rows],
             "meta": self.meta,
         }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "EvalReport":
+        """The inverse of `to_dict`."""
+        return cls(
+            rows=[ReportRow(**r) for r in data["rows"]],
+            tasks=list(data["tasks"]),
+            shown=dict(data["shown_metric"]),
+            percent=dict(data["percent"]),
+            meta=dict(data.get("meta", {})),
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "EvalReport":
+        """Read a results.json written by `write` (e.g. to re-plot with a bench JSON)."""
+        p = Path(path)
+        if p.is_dir():
+            p = p / RESULT_FILES["json"]
+        if not p.is_file():
+            raise FileNotFoundError(f"no evaluation results at {str(p)!r}")
+        return cls.from_dict(json.loads(p.read_text()))
 
     def write(self, output_dir: str | os.PathLike) -> dict[str, Path]:
         """Write results.json, results.csv, results.md and results.txt into `output_dir`."""
@@ -729,6 +751,8 @@ def _fmt_params(n: int) -> str:
 def _fmt(x: float | None, digits: int = 2) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return ""
+    if abs(x) >= 1e5:  # an untrained exit's perplexity
+        return f"{x:.3g}"
     return f"{x:.{digits}f}"
 
 
@@ -972,7 +996,7 @@ def evaluate_command(
     text: str | None = None,
     model: str | None = None,
     exits: str | None = None,
-    baseline: str | None = None,
+    baseline: list[str] | None = None,
     early_exit: bool = True,
     budgets: str | None = None,
     limit: int | None = None,
@@ -1002,7 +1026,7 @@ def evaluate_command(
         text: Text set for the distillation metrics: a .txt (passages split by blank lines) or .jsonl ("text" field) file.
         model: Base model: hub id or local path (default: the embedded SmolLM2-135M-Instruct).
         exits: Trained exits directory (or hub id); without it, fresh untrained exits are scored (with a warning).
-        baseline: Other exits to compare, as NAME=DIR, comma-separated (same base model).
+        baseline: Other exits to compare, as NAME=DIR (repeatable, or comma-separated; same base model).
         early_exit: Include plain early exit (final norm + head) at the same layers.
         budgets: Only these budgets of --exits (names or layers, comma-separated); the full model is always scored.
         limit: Items per task (None: all).
@@ -1025,7 +1049,7 @@ def evaluate_command(
         task_data=task_data,
         include_path=include_path,
         text=text,
-        baselines=baseline,
+        baselines=",".join(baseline) if baseline else None,
         early_exit=early_exit,
         budgets=budgets,
         limit=limit,
