@@ -17,7 +17,7 @@ from typing import Callable
 
 COMMANDS: dict[str, Callable] = {}
 # Modules whose `@command` functions make up the CLI (each imports its heavy deps lazily).
-COMMAND_MODULES = ("commands", "training", "evaluation", "bench", "serving")
+COMMAND_MODULES = ("commands", "demo", "training", "evaluation", "bench", "serving")
 
 
 def command(fn: Callable) -> Callable:

@@ -61,6 +61,25 @@ def _prompts(tok, n: int, seed: int) -> list[tuple[str, str]]:
     return out
 
 
+def strip_repetition(text: str, max_repeats: int = 1) -> str:
+    """Cut a passage where a small model starts looping: at the first line seen more than `max_repeats` times.
+
+    Example:
+        >>> strip_repetition("a\nb\nb\nc")
+        'a\nb'
+    """
+    seen: dict[str, int] = {}
+    kept = []
+    for line in text.split("\n"):
+        key = line.strip()
+        if key:
+            seen[key] = seen.get(key, 0) + 1
+            if seen[key] > max_repeats:
+                break
+        kept.append(line)
+    return "\n".join(kept).strip()
+
+
 def corpus_path(model, seed: int) -> Path:
     """Where the generated corpus of `model` lives in the cache."""
     key = f"{model.config.base_config_fingerprint}-{model.config.base_model_name_or_path}-{seed}"
@@ -131,13 +150,14 @@ def generated_corpus(
             for (topic, _), row in zip(prompts, out[:, width:].tolist()):
                 if tok.eos_token_id in row:
                     row = row[: row.index(tok.eos_token_id)]
-                text = tok.decode(row, skip_special_tokens=True).strip()
-                if len(row) < 16:
+                text = strip_repetition(tok.decode(row, skip_special_tokens=True).strip())
+                n_tok = len(tok(text, add_special_tokens=False).input_ids)
+                if n_tok < 16:
                     continue
-                f.write(json.dumps({"text": text, "topic": topic, "tokens": len(row)}) + "\n")
-                have += len(row)
+                f.write(json.dumps({"text": text, "topic": topic, "tokens": n_tok}) + "\n")
+                have += n_tok
                 if bar is not None:
-                    bar.update(len(row))
+                    bar.update(n_tok)
         round_no += 1
     if bar is not None:
         bar.close()

@@ -162,24 +162,23 @@ def count_tokens(labels: Tensor | None, ignore_index: int = -100, *, mask: Tenso
     return _counted(ref.numel(), labels, mask, ignore_index, ref.device).sum()
 
 
-class _FusedChunkLoss(torch.autograd.Function):
-    """Sum of per-chunk losses; the gradient w.r.t. the hidden states is computed in forward.
+class _ChunkedLoss(torch.autograd.Function):
+    """Sum of per-chunk losses whose gradient w.r.t. the hidden states is computed in forward.
 
-    Only the (N, H) gradient survives forward, so peak memory is one chunk's logits (plus their
-    gradient) instead of all N rows. Valid only when nothing else (e.g. head weights) needs grads.
+    ``chunk_fn(h_chunk, start, end)`` returns the chunk's loss and its gradient w.r.t. the
+    chunk. Only the (N, H) gradient survives forward, so peak memory is one chunk's logits
+    (plus their gradient) instead of all N rows. Valid only when nothing else (e.g. head
+    weights) needs gradients.
     """
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, chunk_loss: Callable[[Tensor, int, int], Tensor], chunk_size: int) -> Tensor:
+    def forward(ctx, hidden: Tensor, chunk_fn, chunk_size: int) -> Tensor:
         grad = torch.empty_like(hidden)
         total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
         for start in range(0, hidden.shape[0], chunk_size):
             end = min(start + chunk_size, hidden.shape[0])
-            h = hidden[start:end].detach().requires_grad_(True)
-            with torch.enable_grad():  # forward of a Function runs under no_grad
-                loss = chunk_loss(h, start, end)
-            (grad[start:end],) = torch.autograd.grad(loss, h)
-            total = total + loss.detach()
+            loss, grad[start:end] = chunk_fn(hidden[start:end].detach(), start, end)
+            total = total + loss
         ctx.save_for_backward(grad)
         return total
 
@@ -187,6 +186,19 @@ class _FusedChunkLoss(torch.autograd.Function):
     def backward(ctx, grad_output: Tensor):
         (grad,) = ctx.saved_tensors
         return grad * grad_output.to(grad.dtype), None, None
+
+
+def _autograd_chunk(chunk_loss: Callable[[Tensor, int, int], Tensor]):
+    """Wrap a differentiable chunk loss as a `_ChunkedLoss` chunk function (loss, grad)."""
+
+    def fn(h: Tensor, start: int, end: int) -> tuple[Tensor, Tensor]:
+        h = h.requires_grad_(True)
+        with torch.enable_grad():  # forward of a Function runs under no_grad
+            loss = chunk_loss(h, start, end)
+        (grad,) = torch.autograd.grad(loss, h)
+        return loss.detach(), grad
+
+    return fn
 
 
 def _head_requires_grad(head: Callable[[Tensor], Tensor]) -> bool:
@@ -280,7 +292,7 @@ def chunked_distill_loss(
         total = sum((checkpoint(ckpt, hidden[s:s + chunk_size], s, use_reentrant=False) for s in starts),
                     hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32)))
     else:
-        total = _FusedChunkLoss.apply(hidden, chunk_loss, chunk_size)
+        total = _ChunkedLoss.apply(hidden, _autograd_chunk(chunk_loss), chunk_size)
 
     if reduction == "sum":
         return total
@@ -411,7 +423,7 @@ def multi_exit_distill_loss(
             per_exit.add_(losses.double())
             return (losses * w.to(losses.dtype)).sum(), grad
 
-        total = _ManualChunkLoss.apply(stacked, manual, chunk_size)
+        total = _ChunkedLoss.apply(stacked, manual, chunk_size)
     elif torch.is_grad_enabled() and _head_requires_grad(head):
         total = sum(
             (checkpoint(lambda x, s: chunk_loss(x, s, min(s + chunk_size, n)), stacked[s:s + chunk_size], s, use_reentrant=False)
@@ -420,7 +432,7 @@ def multi_exit_distill_loss(
         )
         # checkpoint re-runs chunk_loss in backward; per_exit was filled once in forward already
     elif torch.is_grad_enabled() and stacked.requires_grad:
-        total = _FusedChunkLoss.apply(stacked, chunk_loss, chunk_size)
+        total = _ChunkedLoss.apply(stacked, _autograd_chunk(chunk_loss), chunk_size)
     else:
         with torch.no_grad():
             total = sum((chunk_loss(stacked[s:s + chunk_size], s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)),
@@ -429,26 +441,6 @@ def multi_exit_distill_loss(
     count = torch.tensor(n, device=stacked.device) if ref is None else count_tokens(labels, loss_kwargs.get("ignore_index", -100), mask=mask)
     count = count.clamp_min(1)
     return total / count, (per_exit / count).float()
-
-
-class _ManualChunkLoss(torch.autograd.Function):
-    """Like `_FusedChunkLoss`, but each chunk returns its loss *and* its gradient directly."""
-
-    @staticmethod
-    def forward(ctx, hidden: Tensor, chunk_fn, chunk_size: int) -> Tensor:
-        grad = torch.empty_like(hidden)
-        total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
-        for start in range(0, hidden.shape[0], chunk_size):
-            end = min(start + chunk_size, hidden.shape[0])
-            loss, grad[start:end] = chunk_fn(hidden[start:end].detach(), start, end)
-            total = total + loss
-        ctx.save_for_backward(grad)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_output: Tensor):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None
 
 
 @torch.no_grad()
