@@ -59,7 +59,7 @@ def build(n_exits: int, args):
     base, _ = load_base(args.model)
     layers = [14, 17, 20][:n_exits] if args.model is None else None
     if layers is None:
-        from balcony.training import default_exit_layers
+        from balcony.loading import default_exit_layers
 
         layers = default_exit_layers(base.config.num_hidden_layers)[:n_exits]
     model = BalconyModel(base, BalconyConfig(exit_layers=layers))

@@ -349,6 +349,7 @@ def test_eval_command_writes_table_and_plots(tiny, tmp_path, capsys, local_tasks
         blob = (out / name).read_bytes()
         assert blob[:8] == b"\x89PNG\r\n\x1a\n" and len(blob) > 5000
     assert (out / "tasks" / "balcony_piqa.yaml").is_file()  # the prepared tasks, reusable with lm_eval
+    assert evaluation.EvalReport.load(out).to_text() in printed
 
 
 def test_distillation_only_report_and_plot(tiny, loaded, tmp_path):

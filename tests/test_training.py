@@ -208,8 +208,9 @@ def test_two_process_accelerate_launch(tiny_setup, tmp_path):
         f"train(TrainConfig(model={str(tiny_setup / 'base')!r}, dataset={str(tiny_setup / 'corpus.txt')!r}, exit_layers=[2, 4],"
         f" seq_len=32, batch_size=2, max_steps=4, output_dir={str(out)!r}, eval_tokens=128, save_every=2, progress=False))\n"
     )
-    env = {**os.environ, "BALCONY_CACHE": str(tmp_path / "cache2")}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    env = {**os.environ, "BALCONY_CACHE": str(tmp_path / "cache2"), "OMP_NUM_THREADS": "1"}
+    # On CPU, Accelerate's torchrun path (--multi_gpu) starts the processes; training then uses gloo.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533", str(script)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

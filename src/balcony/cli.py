@@ -124,4 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the imported module, so commands register in the one COMMANDS dict (`python -m balcony.cli`).
+    from balcony.cli import main as _main
+
+    sys.exit(_main())

@@ -9,15 +9,9 @@ import torch
 
 from .cli import command
 from .config import BalconyConfig
-from .loading import DEFAULT_EXITS, DEFAULT_MODEL, is_default, load_base
+from .loading import DEFAULT_EXITS, DEFAULT_MODEL, default_exit_layers, is_default, load_base
 from .model import BalconyModel
 
-DEMO_PROMPT = "Explain in two sentences why the sky is blue."
-
-
-def default_exit_layers(num_layers: int) -> list[int]:
-    """The paper's relative exit depths (0.47 / 0.56 / 0.66 of the layers): 14, 17, 20 of 30."""
-    return sorted({max(1, min(num_layers - 1, round(num_layers * f))) for f in (0.47, 0.56, 0.66)})
 
 
 def build_model(
@@ -60,12 +54,17 @@ def generate(
     top_p: float = 1.0,
     seed: int = 0,
     chat: bool = True,
+    speculative: bool = False,
+    draft_length: int = 4,
+    draft_threshold: float | None = None,
+    stop: str | None = None,
+    compile: bool = False,
 ) -> int:
     """Generate text at one compute budget, streaming tokens as they come.
 
     Args:
         prompt: The text to answer or continue.
-        budget: A budget name (S, M, L, XL, ...) or an exit layer number.
+        budget: A budget name (S, M, L, XL, ...) or an exit layer number; with --speculative, the draft budget.
         max_new_tokens: How many tokens to generate at most.
         model: Base model: hub id or local path (default: the embedded SmolLM2-135M-Instruct).
         exits: Directory (or hub id) of trained exits; without it, fresh untrained exits are attached.
@@ -75,21 +74,34 @@ def generate(
         top_p: Nucleus sampling mass.
         seed: Random seed for sampling.
         chat: Wrap the prompt in the model's chat template when it has one.
+        speculative: Self-speculative decoding: draft at --budget, verify with the remaining layers (full-model output).
+        draft_length: Tokens drafted per verify pass (with --speculative).
+        draft_threshold: Stop a draft once the exit's top-1 probability falls below this (with --speculative).
+        stop: Stop once the output contains this string.
+        compile: Compile the decode step with torch.compile (slow start; plain decoding only).
     """
-    from .generation import generate_stream
+    from .engine import generate_stream
+    from .speculative import SpeculativeStats, speculative_stream
 
     m, tok, trained = build_model(model, exits)
     j = m.resolve_exit(budget)
     ids = encode_prompt(tok, prompt, chat)
     gen = torch.Generator().manual_seed(seed)
+    common = dict(
+        max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p,
+        eos_token_id=tok.eos_token_id, generator=gen, stop_strings=[stop] if stop else None, tokenizer=tok,
+    )
+    stats = None
+    if speculative:
+        stats = SpeculativeStats(j, draft_length)
+        stream = speculative_stream(m, ids, exit=j, draft_length=draft_length, draft_threshold=draft_threshold, stats=stats, **common)
+    else:
+        stream = generate_stream(m, ids, exit=j, compile=compile, **common)
     t0 = time.perf_counter()
     first = None
     out: list[int] = []
     printed = ""
-    for token in generate_stream(
-        m, ids, exit=j, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature,
-        top_k=top_k, top_p=top_p, eos_token_id=tok.eos_token_id, generator=gen,
-    ):
+    for token in stream:
         if first is None:
             first = time.perf_counter()
         if token.item() == tok.eos_token_id:
@@ -104,9 +116,16 @@ def generate(
     decode_s = t1 - (first or t1)
     rate = (len(out) - 1) / decode_s if len(out) > 1 and decode_s > 0 else float("nan")
     note = "" if trained or j == m.num_layers else " (exits untrained: pass --exits DIR for trained ones)"
+    if stats is not None:
+        head = (
+            f"speculative: draft budget {name} (layers 1-{j} + exit), verify layers {j + 1}-{m.num_layers}; "
+            f"acceptance {stats.acceptance_rate:.0%}, {stats.mean_accepted_length:.2f} tokens per verify pass, "
+            f"{stats.rounds} verify passes"
+        )
+    else:
+        head = f"budget {name}: layers 1-{j} of {m.num_layers}"
     print(
-        f"\n[budget {name}: layers 1-{j} of {m.num_layers}; {len(out)} tokens; "
-        f"prefill {1000 * ((first or t1) - t0):.0f} ms; decode {rate:.1f} tok/s]{note}",
+        f"\n[{head}; {len(out)} tokens; prefill {1000 * ((first or t1) - t0):.0f} ms; decode {rate:.1f} tok/s]{note}",
         file=sys.stderr,
     )
     return 0
@@ -130,40 +149,4 @@ def info(model: str | None = None, exits: str | None = None) -> int:
         p = m.count_parameters(j)
         print(f"{name:<8}{j:>8}{p:>20,}{p / full:>10.2f}{full / p:>15.2f}x")
     m.print_trainable_parameters()
-    return 0
-
-
-@command
-def demo(
-    model: str | None = None,
-    exits: str | None = None,
-    max_new_tokens: int = 32,
-    prompt: str = DEMO_PROMPT,
-) -> int:
-    """The main job on the embedded default: answer one prompt at every budget and time each.
-
-    Args:
-        model: Base model: hub id or local path (default: the embedded SmolLM2-135M-Instruct).
-        exits: Directory of trained exits (default: fresh exits initialised from the last layer).
-        max_new_tokens: Tokens to generate per budget.
-        prompt: The prompt answered at every budget.
-    """
-    from .generation import generate as gen
-
-    m, tok, trained = build_model(model, exits)
-    ids = encode_prompt(tok, prompt, chat=True)
-    print(f"prompt: {prompt!r} ({ids.shape[1]} tokens); exits {'trained' if trained else 'UNTRAINED (initialised from the last layer)'}")
-    gen(m, ids, exit=None, max_new_tokens=4)  # warm-up
-    rows = []
-    full = m.count_parameters(None)
-    for name, j in m.budgets.items():
-        t0 = time.perf_counter()
-        out = gen(m, ids, exit=j, max_new_tokens=max_new_tokens)
-        dt = time.perf_counter() - t0
-        text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).replace("\n", " ")
-        rows.append((name, j, max_new_tokens / dt, full / m.count_parameters(j), text))
-    full_rate = rows[-1][2]
-    print(f"{'budget':<7}{'layers':>7}{'tok/s':>8}{'speed-up':>10}{'ideal':>8}  output")
-    for name, j, rate, ideal, text in rows:
-        print(f"{name:<7}{j:>7}{rate:>8.1f}{rate / full_rate:>9.2f}x{ideal:>7.2f}x  {text[:70]}")
     return 0

@@ -17,7 +17,15 @@ everything *around* them that costs time per token:
   tokens (+ a draft), written in place at a write pointer;
 * LM-head logits for every prompt position (the head is 28M of SmolLM2's 135M
   parameters): here only positions that are sampled get logits;
-* `generate`'s logits processors and stopping criteria.
+* `generate`'s logits processors and stopping criteria;
+* on one-token steps of Llama-style layers (Llama, Mistral, Qwen2), HF's
+  per-layer plumbing around the ~25 tensor ops of a layer: `_decode_layer`
+  replays those ops in the same order, so its output is bit-identical.
+
+What is left is the weights: at batch 1 every weight is streamed from memory
+once per token, and on a CPU that is ~80% of a float32 decode step
+(`balcony bench` prints this floor), so removing overhead buys ~1.1x over HF
+`generate` there; speculative decoding and batching are what go further.
 
 The write pointer can move back, which is all a speculative rollback needs.
 Self-speculative decoding (`balcony.speculative`) reuses `Span`,
@@ -159,6 +167,7 @@ class DecodeState:
         arange: (max_len,) 0..max_len-1, kept to build masks and positions without allocating.
         length: Tokens of the main stream written so far (the next decode writes here).
         attn: The attention implementation ("sdpa" takes boolean masks, "eager" additive ones).
+        fast: Layer module id -> whether one-token steps take the fast path (`_decode_layer`); None: never.
     """
 
     cache: StaticKVCache
@@ -167,6 +176,7 @@ class DecodeState:
     arange: torch.Tensor
     length: int
     attn: str
+    fast: dict[int, bool] | None = None
 
 
 def new_state(
@@ -175,8 +185,14 @@ def new_state(
     batch_size: int,
     max_len: int,
     attention_mask: torch.Tensor | None = None,
+    fast: bool = True,
 ) -> DecodeState:
-    """A fresh cache for `slots` plus the padding bookkeeping of `attention_mask` (B, T_prompt)."""
+    """A fresh cache for `slots` plus the padding bookkeeping of `attention_mask` (B, T_prompt).
+
+    Args:
+        fast: Let one-token steps of Llama-style layers skip HF's layer plumbing (`_decode_layer`);
+            False always calls the HF modules.
+    """
     device = model.parts.embed_tokens.weight.device
     attn = getattr(model.base.config, "_attn_implementation", None) or "eager"
     if attn not in ("sdpa", "eager"):
@@ -192,7 +208,7 @@ def new_state(
         pad = (t - attention_mask.long().sum(-1)).to(device)
     cache = StaticKVCache(slots, model.num_layers + len(model.exits), max_len)
     arange = torch.arange(max_len, device=device)
-    return DecodeState(cache, key_valid, pad, arange, 0, attn)
+    return DecodeState(cache, key_valid, pad, arange, 0, attn, fast_layers(model) if fast and attn == "sdpa" else None)
 
 
 @dataclass
@@ -259,14 +275,97 @@ def _mask(model: BalconyModel, state: DecodeState, pos: int, length: int, kind: 
     return allowed
 
 
+# ----------------------------------------------------------------------------- one-token fast path
+# Llama-style layers whose one-token forward `_decode_layer` replays op for op (bit-identical for float32):
+# HF's layer call wraps ~25 tensor ops in ~30 more (decorators, kwargs plumbing, views, dtype round trips,
+# attention-interface lookup), which at batch 1 on a CPU is about a fifth of a decode step.
+_FAST_CLASSES = {
+    "layer": {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"},
+    "attn": {"LlamaAttention", "MistralAttention", "Qwen2Attention"},
+    "mlp": {"LlamaMLP", "MistralMLP", "Qwen2MLP"},
+    "norm": {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"},
+}
+
+
+def _fast_ok(layer: torch.nn.Module | None) -> bool:
+    """Whether `_decode_layer` reproduces this layer's forward (known classes, no dropout, no hooks)."""
+    if layer is None or type(layer).__name__ not in _FAST_CLASSES["layer"]:
+        return False
+    parts = {"attn": getattr(layer, "self_attn", None), "mlp": getattr(layer, "mlp", None)}
+    if layer.training and getattr(parts["attn"], "attention_dropout", 0.0):  # (exits are built in train mode)
+        return False
+    norms = (getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None))
+    hooked = any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules())
+    return (
+        not hooked
+        and all(type(m).__name__ in _FAST_CLASSES[k] for k, m in parts.items())
+        and all(type(n).__name__ in _FAST_CLASSES["norm"] for n in norms)
+    )
+
+
+def fast_layers(model: BalconyModel) -> dict[int, bool]:
+    """Module id -> whether the one-token fast path applies, for every base and exit layer (checked per call: cheap)."""
+    layers = list(model.parts.layers) + [ex.layer for ex in model.exits.values() if ex.layer is not None]
+    return {id(layer): _fast_ok(layer) for layer in layers}
+
+
+def _rms(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """LlamaRMSNorm.forward without its dtype round trips (a no-op for float32)."""
+    if x.dtype != torch.float32:
+        return norm(x)
+    return norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _decode_layer(layer: torch.nn.Module, h: torch.Tensor, span: "Span", cache: StaticKVCache, mask: torch.Tensor | None) -> torch.Tensor:
+    """A Llama-style decoder layer on one token per sequence: (B, 1, H) -> (B, 1, H).
+
+    The same ops in the same order as HF's LlamaDecoderLayer with SDPA
+    attention, including its one-query GQA paths, so the result is the same.
+    """
+    attn, mlp = layer.self_attn, layer.mlp
+    b, d = h.shape[0], attn.head_dim
+    x = _rms(layer.input_layernorm, h)
+    q = torch.nn.functional.linear(x, attn.q_proj.weight, attn.q_proj.bias).view(b, 1, -1, d).transpose(1, 2)  # (B, Hq, 1, D)
+    k = torch.nn.functional.linear(x, attn.k_proj.weight, attn.k_proj.bias).view(b, 1, -1, d).transpose(1, 2)  # (B, Hkv, 1, D)
+    v = torch.nn.functional.linear(x, attn.v_proj.weight, attn.v_proj.bias).view(b, 1, -1, d).transpose(1, 2)
+    cos, sin = span.rope[0].unsqueeze(1), span.rope[1].unsqueeze(1)  # (B|1, 1, 1, D)
+    q = (q * cos) + (_rotate_half(q) * sin)
+    k = (k * cos) + (_rotate_half(k) * sin)
+    k, v = cache.update(k, v, attn.layer_idx)  # (B, Hkv, L, D)
+    rep = attn.num_key_value_groups
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if rep > 1 and mask is None and k.shape[-1] == v.shape[-1] <= 256:  # HF: SDPA's own GQA
+        o = sdpa(q, k, v, attn_mask=None, dropout_p=0.0, scale=attn.scaling, is_causal=False, enable_gqa=True)
+    elif rep > 1:  # HF's pack_gqa: a KV head's query heads become its queries
+        o = sdpa(q.reshape(b, -1, rep, d), k, v, attn_mask=mask, dropout_p=0.0, scale=attn.scaling, is_causal=False)
+    else:
+        o = sdpa(q, k, v, attn_mask=mask, dropout_p=0.0, scale=attn.scaling, is_causal=False)
+    o = o.reshape(b, -1, 1, d).transpose(1, 2).contiguous().reshape(b, 1, -1)  # (B, 1, Hq * D)
+    h = h + torch.nn.functional.linear(o, attn.o_proj.weight, attn.o_proj.bias)
+    x = _rms(layer.post_attention_layernorm, h)
+    up = torch.nn.functional.linear(x, mlp.up_proj.weight, mlp.up_proj.bias)
+    gate = mlp.act_fn(torch.nn.functional.linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias))
+    return h + torch.nn.functional.linear(gate * up, mlp.down_proj.weight, mlp.down_proj.bias)
+
+
 # ----------------------------------------------------------------------------- forward pieces
 def run_layers(model: BalconyModel, state: DecodeState, span: Span, hidden: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """(B, T, H) hidden after layer `start` -> after layer `stop`, through base layers start..stop-1."""
     layers, types = model.parts.layers, model.parts.layer_types
     state.cache.pos = span.pos
+    fast = state.fast if span.length == 1 else None
     kwargs = {model._layer_kw: state.cache, "use_cache": True, "position_ids": span.position_ids, "position_embeddings": span.rope}
     for i in range(start, stop):
-        out = layers[i](hidden, attention_mask=span.masks[types[i]], **kwargs)
+        layer, mask = layers[i], span.masks[types[i]]
+        if fast and fast.get(id(layer)):
+            hidden = _decode_layer(layer, hidden, span, state.cache, mask)
+            continue
+        out = layer(hidden, attention_mask=mask, **kwargs)
         hidden = out[0] if isinstance(out, tuple) else out
     return hidden
 
@@ -277,9 +376,12 @@ def run_exit(model: BalconyModel, state: DecodeState, span: Span, hidden: torch.
     if module is None:
         return model.parts.norm(hidden)
     state.cache.pos = span.pos
+    mask = span.masks[model.parts.layer_types[-1]]  # the exit layer is a copy of the last layer
+    if span.length == 1 and state.fast and state.fast.get(id(module.layer)) and not module._forward_hooks:
+        return module.norm(_decode_layer(module.layer, hidden, span, state.cache, mask))
     return module(
         hidden,
-        attention_mask=span.masks[model.parts.layer_types[-1]],  # the exit layer is a copy of the last layer
+        attention_mask=mask,
         use_cache=True,
         position_ids=span.position_ids,
         position_embeddings=span.rope,
@@ -403,7 +505,7 @@ def generate_stream(
     tokenizer=None,
     generator: torch.Generator | None = None,
     stop: Callable[[torch.Tensor], bool] | None = None,
-    compile: bool = False,
+    compile: bool | str = False,
 ) -> Iterator[torch.Tensor]:
     """Yield (B,) new tokens one step at a time at one budget.
 
@@ -418,13 +520,18 @@ def generate_stream(
     b, t = input_ids.shape
     state = new_state(model, budget_slots(model, j), b, t + max_new_tokens, attention_mask)
     stopper = StopChecker(b, eos_token_id, stop_strings, tokenizer, pad_token_id, input_ids.device)
-    step_fn = compiled_decode(model) if compile else decode_one_token
+    step_fn = compiled_decode(model, compile) if compile else decode_one_token
+    # "Is everyone done?" is a host sync: free on CPU, a pipeline stall on an accelerator, so ask every 8 steps there
+    # (a finished batch then emits up to 7 more fill tokens).
+    sync_every = 1 if input_ids.device.type == "cpu" else 8
     with torch.no_grad():
         logits = prefill(model, state, input_ids, j, attention_mask)
         for step in range(max_new_tokens):
             token = stopper(sample(logits, cfg, generator))
             yield token
-            if step == max_new_tokens - 1 or stopper.all_done() or (stop is not None and stop(token)):
+            if step == max_new_tokens - 1 or (stop is not None and stop(token)):
+                return
+            if step % sync_every == sync_every - 1 and stopper.all_done():
                 return
             logits = step_fn(model, state, token, j)
 
@@ -445,7 +552,7 @@ def generate(
     stop_strings: str | Sequence[str] | None = None,
     tokenizer=None,
     generator: torch.Generator | None = None,
-    compile: bool = False,
+    compile: bool | str = False,
 ) -> torch.Tensor:
     """Generate at one budget; returns (B, T + new) ids, prompt included.
 
@@ -461,7 +568,8 @@ def generate(
         stop_strings: Stop a sequence once its output contains one of these (needs `tokenizer`).
         tokenizer: Decodes the output for `stop_strings`.
         generator: Seeded `torch.Generator` for reproducible sampling.
-        compile: Run the decode step through `torch.compile` (slow first call; see `compiled_decode`).
+        compile: Run the decode step through `torch.compile` (True, or a backend name);
+            the first call compiles (slow on CPU), see `compiled_decode`.
 
     Returns:
         (B, T + n) ids, n <= max_new_tokens (fewer when every sequence stopped early).
@@ -480,16 +588,22 @@ def generate(
 
 
 # ----------------------------------------------------------------------------- torch.compile
-def compiled_decode(model: BalconyModel) -> Callable:
-    """`decode_one_token` through `torch.compile`, built once per model.
+def compiled_decode(model: BalconyModel, backend: bool | str = True) -> Callable:
+    """`decode_one_token` through `torch.compile`, built once per model and backend.
 
     The cache grows by one position per step, so shapes change; dynamo marks
-    them dynamic after the first recompile and then reuses one graph. On CPU
-    the first steps pay for compiling (tens of seconds for a 30-layer model)
-    and decode then saves the Python overhead of the layers.
+    them dynamic after the first recompile and then reuses one graph. With the
+    default inductor backend on CPU the first call pays for compiling (about
+    40 s for a 6-layer tiny model on 2 cores, minutes for 30 layers); decode
+    then saves the Python overhead around the matmuls, which at batch 1 are
+    80% of a step (the weights are streamed from memory once per token).
+
+    Args:
+        backend: True for inductor, or a `torch.compile` backend name (``"eager"``
+            traces with dynamo only: a quick check that the step compiles).
     """
-    fn = getattr(model, "_balcony_compiled_decode", None)
-    if fn is None:
-        fn = torch.compile(decode_one_token, dynamic=True)
-        object.__setattr__(model, "_balcony_compiled_decode", fn)  # not a submodule: keep it out of state_dict
-    return fn
+    name = "inductor" if backend is True else str(backend)
+    compiled = model.__dict__.setdefault("_balcony_compiled", {})  # plain attribute: not a submodule, not in state_dict
+    if name not in compiled:
+        compiled[name] = torch.compile(decode_one_token, backend=name, dynamic=True)
+    return compiled[name]

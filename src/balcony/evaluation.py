@@ -36,7 +36,7 @@ import torch
 
 from .arch import find_parts
 from .cli import COMMANDS
-from .commands import default_exit_layers
+from .loading import default_exit_layers
 from .config import BalconyConfig
 from .loading import DEFAULT_EXITS, DEFAULT_MODEL, is_default, load_base
 from .model import BalconyModel, resolve_exits_dir

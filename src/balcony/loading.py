@@ -25,6 +25,16 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_EXITS = {DEFAULT_MODEL: [14, 17, 20]}
 
 
+def default_exit_layers(num_layers: int) -> list[int]:
+    """The paper's relative exit depths 0.47 / 0.56 / 0.66 of the layers (14/17/20 of 30, 15/18/21 of 32).
+
+    Example:
+        >>> default_exit_layers(32)
+        [15, 18, 21]
+    """
+    return sorted({max(1, min(num_layers - 1, round(num_layers * f))) for f in (0.47, 0.56, 0.66)})
+
+
 def cache_dir(override: str | os.PathLike | None = None) -> Path:
     """Where balcony caches converted models and corpora (``$BALCONY_CACHE`` or ``~/.cache/balcony``)."""
     root = override or os.environ.get("BALCONY_CACHE") or Path.home() / ".cache" / "balcony"

@@ -99,6 +99,8 @@ def accept_drafts(
         (a, token): a accepted drafts (0..k) and the (1,) token that follows them.
     """
     k = drafts.shape[0]
+    if k == 0:  # nothing drafted: an ordinary decoding step
+        return 0, (p[:1].argmax(-1) if not cfg.do_sample else sample_from_probs(p[:1], generator))
     if not cfg.do_sample:
         target = p.argmax(-1)  # (k + 1,)
         a = int((target[:k] == drafts).long().cumprod(0).sum())
@@ -163,7 +165,7 @@ def speculative_stream(
         draft_threshold: Stop drafting once the exit's top-1 probability is below this (Kangaroo-style).
         max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id,
             stop_strings, tokenizer, generator: as in `balcony.engine.generate`.
-        stats: Filled in as decoding goes (pass one to read the counters).
+        stats: Filled in as decoding goes (pass a fresh one to read the counters).
 
     Raises:
         ValueError: a batch of more than one sequence (use `speculative_generate`), or bad arguments.
@@ -301,12 +303,14 @@ def speculative_generate(
         ids = input_ids[b : b + 1]
         if attention_mask is not None:
             ids = ids[:, attention_mask[b].bool()]  # one sequence needs no padding
+        row_stats = SpeculativeStats(j, draft_length)
         toks = list(
             speculative_stream(
                 model, ids, exit=j, draft_length=draft_length, draft_threshold=draft_threshold,
-                max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id, stats=stats, **kwargs,
+                max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id, stats=row_stats, **kwargs,
             )
         )
+        stats.merge(row_stats)
         rows.append(torch.cat(toks))
     eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
     fill = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)

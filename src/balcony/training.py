@@ -35,7 +35,7 @@ from .cli import command
 from .config import BalconyConfig
 from .data import DataConfig, PackedData, batches_per_epoch, epoch_order, prepare_data
 from .features import FeatureCache, build_feature_cache
-from .loading import DEFAULT_EXITS, DEFAULT_MODEL, cache_dir, is_default, load_base
+from .loading import DEFAULT_EXITS, DEFAULT_MODEL, cache_dir, default_exit_layers, is_default, load_base
 from .losses import centered_gram, logit_mse_loss, multi_exit_distill_loss
 from .metrics import distill_metrics
 from .model import BalconyModel
@@ -234,11 +234,6 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 # -- model and data set-up ---------------------------------------------------
-
-
-def default_exit_layers(num_layers: int) -> list[int]:
-    """The paper's relative depths 0.47 / 0.56 / 0.66 (14/17/20 of 30, 15/18/21 of 32)."""
-    return sorted({max(1, min(num_layers - 1, round(num_layers * f))) for f in (0.47, 0.56, 0.66)})
 
 
 def build_training_model(cfg: TrainConfig) -> tuple[BalconyModel, Any]:
@@ -520,7 +515,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     precision = cfg.precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-    accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), gradient_accumulation_steps=cfg.grad_accum)
+    # Without a GPU, cpu=True lets Accelerate see a torchrun-style launch as multi-process CPU training (gloo).
+    accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), gradient_accumulation_steps=cfg.grad_accum,
+                              cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
     set_seed(cfg.seed)
     out_dir = Path(cfg.output_dir)
