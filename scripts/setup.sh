@@ -13,7 +13,7 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install -q --disable-pip-version-check $TORCH_SPEC 2>&1 | grep -v "^WARNING: Location" || true
 fi
-TORCH_VERSION=$(.venv/bin/python -c "import torch; print(torch.__version__.split('+')[0])")
+TORCH_VERSION=$(.venv/bin/python -c "import torch; print(torch.__version__.split('+')[0])" 2>/dev/null)
 # Install balcony with torch held at what is installed.
 .venv/bin/pip install -q --disable-pip-version-check -e ".[${EXTRAS}]" "torch==${TORCH_VERSION}" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import balcony, torch; print(f'balcony {balcony.__version__} ready (torch {torch.__version__})')"

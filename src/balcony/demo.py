@@ -44,6 +44,19 @@ def answer_at_every_budget(model, tok, prompt: str, max_new_tokens: int) -> list
     return rows
 
 
+def _hub_reachable(host: str = "huggingface.co") -> bool:
+    """Whether the hub's name resolves (offline machines skip the hub tasks instead of retrying)."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return False
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+
+
 @command
 def demo(
     config: str = "smollm2-quick",
@@ -93,7 +106,10 @@ def demo(
         _, held_out = load_training_data(cfg, tok, m)
         texts = tok.batch_decode(held_out.input_ids, skip_special_tokens=True) if held_out is not None else None
         task_data = os.environ.get("BALCONY_TASK_DATA")
-        tasks = None if task_data else "piqa,arc_easy"
+        tasks = None if task_data else ("piqa,arc_easy" if _hub_reachable() else None)
+        if not task_data and tasks is None:
+            print("[balcony] no task data and no hub: scoring the held-out text only. "
+                  "Set BALCONY_TASK_DATA=piqa=PATH,arc_easy=PATH,lambada=PATH to add offline tasks.", file=sys.stderr)
         kwargs = dict(model=cfg.model, exits=output_dir, text=texts, limit=limit, output=str(Path(output_dir) / "eval"),
                       seq_len=cfg.seq_len, text_tokens=cfg.eval_tokens, log=lambda s: print(s, file=sys.stderr, flush=True))
         try:
