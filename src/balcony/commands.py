@@ -143,10 +143,13 @@ def info(model: str | None = None, exits: str | None = None) -> int:
     cfg = m.config
     print(f"base model:   {cfg.base_model_name_or_path} (revision {cfg.base_model_revision}), {cfg.model_type}, {m.num_layers} layers")
     print(f"exits:        {', '.join(map(str, cfg.exit_layers))} ({cfg.exit_kind}, init {cfg.init}; {'trained, from ' + exits if trained else 'untrained'})")
+    from .bench import ideal_speedup
+
     full = m.count_parameters(None)
+    # ideal speed-up counts the LM head too (28M of SmolLM2's 135M parameters), as `balcony bench` does
     print(f"{'budget':<8}{'layers':>8}{'params (non-emb)':>20}{'fraction':>10}{'ideal speed-up':>16}")
     for name, j in m.budgets.items():
         p = m.count_parameters(j)
-        print(f"{name:<8}{j:>8}{p:>20,}{p / full:>10.2f}{full / p:>15.2f}x")
+        print(f"{name:<8}{j:>8}{p:>20,}{p / full:>10.2f}{ideal_speedup(m, j):>15.2f}x")
     m.print_trainable_parameters()
     return 0

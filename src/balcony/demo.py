@@ -25,10 +25,10 @@ DEMO_PROMPT = "Explain in two sentences why the sky is blue."
 
 def answer_at_every_budget(model, tok, prompt: str, max_new_tokens: int) -> list[dict]:
     """Greedy answer per budget with decode speed and the speed-up over the full model."""
+    from .bench import ideal_speedup
     from .commands import encode_prompt
 
     ids = encode_prompt(tok, prompt, chat=True)
-    full_params = model.count_parameters(None, embeddings=False)
     model.generate(ids, exit=None, max_new_tokens=4)  # warm-up
     rows = []
     for name, j in model.budgets.items():
@@ -37,7 +37,7 @@ def answer_at_every_budget(model, tok, prompt: str, max_new_tokens: int) -> list
         dt = time.perf_counter() - t0
         text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).replace("\n", " ")
         rows.append({"budget": name, "layer": j, "tokens_per_s": max_new_tokens / dt,
-                     "ideal_speedup": full_params / model.count_parameters(j), "text": text})
+                     "ideal_speedup": ideal_speedup(model, j), "text": text})
     full = rows[-1]["tokens_per_s"]
     for r in rows:
         r["speedup"] = r["tokens_per_s"] / full
