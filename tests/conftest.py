@@ -1,4 +1,5 @@
 import pytest
+import torch
 from tiny_models import tiny_hf_tokenizer
 
 
@@ -55,3 +56,12 @@ def tiny_tokenizer():
     assert tokenizer.eos_token_id == 256 and tokenizer.pad_token_id == 257
     assert tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [258, 259]
     return tokenizer
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: an OpenMP fork/join per op costs more than it saves (and stalls on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -19,15 +19,6 @@ from balcony.engine import (
 EXITS = [2, 3, 5]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: an OpenMP fork/join per op costs more than it saves (and stalls on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make(family: str = "llama", **cfg) -> BalconyModel:
     return BalconyModel(tiny_base(family), BalconyConfig(exit_layers=cfg.pop("exit_layers", EXITS), **cfg))
 
