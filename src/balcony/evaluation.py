@@ -581,7 +581,7 @@ class ReportRow:
         drop: average minus the full model's average (points; 0 for the full model).
         distill: {"kl", "agreement", "ppl", ...} on the text set, when given.
         speedup: measured speed-up from `balcony bench`, when given.
-        ideal_speedup: full params / params.
+        ideal_speedup: compute of the full model / compute of this row (layers, exit, norm and LM head).
         metrics: task -> every metric the harness reported (unscaled).
     """
 
@@ -807,7 +807,8 @@ def make_report(
                 average=sum(averaged) / len(averaged) if averaged else None,
                 distill=dict(distill[v.key]) if distill and v.key in distill else None,
                 speedup=1.0 if v.full and bench else (match_speedup(bench, v.method, v.budget, v.layer) if bench else None),
-                ideal_speedup=full_params / v.params,
+                # compute per token: layers + exit + norm + the LM head (as `balcony bench` counts it)
+                ideal_speedup=(full_params + v.model.parts.lm_head.weight.numel()) / (v.params + v.model.parts.lm_head.weight.numel()),
                 metrics=task_results.scores[v.key] if task_results else {},
             )
         )
