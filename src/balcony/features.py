@@ -75,7 +75,6 @@ def build_feature_cache(
     exits = model.config.exit_layers
     taps = {j: torch.empty(n, t, h, dtype=dtype) for j in exits}
     teacher = torch.empty(n, t, h, dtype=dtype)
-    want = set(exits)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -86,12 +85,10 @@ def build_feature_cache(
         batch = data[slice(s, s + batch_size)]
         ids = batch["input_ids"].to(device)
         mask = batch.get("attention_mask")
-        hidden, masks, kw = model._prepare(ids, None, None if mask is None else mask.to(device), batch["position_ids"].to(device), None)
-        for i in range(model.num_layers):
-            hidden = model._run_layer(i, hidden, masks, kw, None, False)
-            if i + 1 in want:
-                taps[i + 1][s : s + batch_size] = hidden.to(dtype).cpu()
-        teacher[s : s + batch_size] = model.parts.norm(hidden).to(dtype).cpu()
+        got, final, _ = model.base_pass(ids, exits, None if mask is None else mask.to(device), batch["position_ids"].to(device))
+        for j, h in got.items():
+            taps[j][s : s + batch_size] = h.to(dtype).cpu()
+        teacher[s : s + batch_size] = final.to(dtype).cpu()
         if bar is not None:
             bar.update(ids.numel())
     if bar is not None:

@@ -386,20 +386,35 @@ class BalconyModel(nn.Module):
             if str(j) not in self.exits:
                 raise ValueError(f"exit layer {j} has no Balcony module: {self._accepted()}")
         frozen = not self.base_trainable
-        taps: dict[int, torch.Tensor] = {}
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            hidden, masks, layer_kwargs = self._prepare(input_ids, None, attention_mask, position_ids, None)
-            want = set(wanted)
-            for i in range(self.num_layers):
-                hidden = self._run_layer(i, hidden, masks, layer_kwargs, None, False)
-                if i + 1 in want:
-                    taps[i + 1] = hidden
-            teacher = self.parts.norm(hidden)
+            taps, teacher, (masks, layer_kwargs) = self.base_pass(input_ids, wanted, attention_mask, position_ids)
         exit_hidden = {}
         for j in wanted:
             tap = taps[j].detach() if frozen else taps[j]
             exit_hidden[j] = self._run_exit(j, tap, masks, layer_kwargs, None, False)
         return DistillOutput(teacher_hidden=teacher, exit_hidden=exit_hidden)
+
+    def base_pass(
+        self,
+        input_ids: torch.Tensor,
+        layers: Iterable[int],
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> tuple[dict[int, torch.Tensor], torch.Tensor, tuple[dict, dict]]:
+        """All N base layers once, keeping the hidden state after each layer in `layers`.
+
+        Returns:
+            (taps {j: (B, T, H)}, teacher (B, T, H) final-norm output, (masks, layer kwargs)
+            for running exits on the taps).
+        """
+        want = set(layers)
+        taps: dict[int, torch.Tensor] = {}
+        hidden, masks, layer_kwargs = self._prepare(input_ids, None, attention_mask, position_ids, None)
+        for i in range(self.num_layers):
+            hidden = self._run_layer(i, hidden, masks, layer_kwargs, None, False)
+            if i + 1 in want:
+                taps[i + 1] = hidden
+        return taps, self.parts.norm(hidden), (masks, layer_kwargs)
 
     def run_exits(
         self,
