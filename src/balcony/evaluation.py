@@ -238,18 +238,13 @@ def exit_hidden_states(
     lead = variants[0].model
     if any(v.model.base is not lead.base for v in variants):
         raise ValueError("variants must share one base model to be scored from one pass")
-    # BalconyModel's own per-layer steps (as distill_forward), so one pass feeds several models' exits.
-    hidden, masks, layer_kwargs = lead._prepare(input_ids, None, attention_mask, position_ids, None)
+    # One base pass (as distill_forward) feeds several models' exits.
     wanted = {v.layer for v in variants if not v.full}
-    taps: dict[int, torch.Tensor] = {}
-    for i in range(lead.num_layers):
-        hidden = lead._run_layer(i, hidden, masks, layer_kwargs, None, False)
-        if i + 1 in wanted:
-            taps[i + 1] = hidden
+    taps, final, (masks, layer_kwargs) = lead.base_pass(input_ids, wanted, attention_mask, position_ids)
     out: dict[str, torch.Tensor] = {}
     for v in variants:
         if v.full:
-            out[v.key] = lead.parts.norm(hidden)
+            out[v.key] = final
         else:
             out[v.key] = v.model._run_exit(v.layer, taps[v.layer], masks, layer_kwargs, None, False)
     return out
