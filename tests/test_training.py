@@ -199,6 +199,14 @@ def test_cli_train_with_overrides(tiny_setup, tmp_path):
     assert rc == 2
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_two_process_accelerate_launch(tiny_setup, tmp_path):
     out = tmp_path / "ddp"
@@ -211,7 +219,7 @@ def test_two_process_accelerate_launch(tiny_setup, tmp_path):
     env = {**os.environ, "BALCONY_CACHE": str(tmp_path / "cache2"), "OMP_NUM_THREADS": "1"}
     # On CPU, Accelerate's torchrun path (--multi_gpu) starts the processes; training then uses gloo.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533", str(script)]
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(script)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "checkpoint-2" / "balcony_exits.safetensors").is_file()
