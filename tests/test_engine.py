@@ -147,6 +147,24 @@ def test_sampling_is_reproducible_and_top_k_1_is_greedy():
     assert torch.equal(nucleus, top1)
 
 
+@pytest.mark.parametrize("top_k,top_p", [(4, 1.0), (5, 0.7), (9, 0.9)])
+def test_top_k_fast_path_draws_from_the_filtered_distribution(top_k, top_p):
+    from balcony.generation import SamplingConfig, logits_to_probs, sample
+
+    # With top_k set, `sample` draws among the k candidates only; its frequencies must match
+    # the full-vocabulary filtered distribution of `logits_to_probs` (no tokens outside it).
+    logits = torch.tensor([[2.0, 1.5, 1.4, 0.3, -0.5, 0.9, -2.0, 1.0, 0.0, -1.0]])
+    cfg = SamplingConfig(do_sample=True, temperature=0.7, top_k=top_k, top_p=top_p)
+    want = logits_to_probs(logits, cfg)[0]
+    n = 20000
+    gen = torch.Generator().manual_seed(0)
+    draws = sample(logits.expand(n, -1), cfg, gen)
+    freq = torch.bincount(draws, minlength=logits.shape[-1]).float() / n
+    assert torch.all(freq[want == 0] == 0)
+    # 5 standard deviations of a binomial frequency at n draws
+    assert torch.all((freq - want).abs() <= 5 * (want * (1 - want) / n).sqrt() + 1e-9), (freq, want)
+
+
 def test_eos_stops_each_sequence_and_fills_the_rest():
     model = make()
     x = ids(2, 5, seed=9)

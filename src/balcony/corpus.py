@@ -44,7 +44,15 @@ STYLES = [
     "a step-by-step tutorial",
     "a story that teaches the idea to children",
     "a question-and-answer study guide",
+    "a short story that involves",
+    "a dialogue between two friends who talk about",
+    "a newspaper article reporting on",
+    "a diary entry by someone who learns about",
+    "an encyclopedia article on",
+    "a letter to a younger sibling explaining",
 ]
+# Bump when the prompts change: the cached corpus is keyed on it.
+PROMPT_VERSION = 2
 
 
 def _prompts(tok, n: int, seed: int) -> list[tuple[str, str]]:
@@ -52,7 +60,8 @@ def _prompts(tok, n: int, seed: int) -> list[tuple[str, str]]:
     out = []
     for _ in range(n):
         topic, style = rng.choice(TOPICS), rng.choice(STYLES)
-        request = f"Write {style} about {topic}. Be concrete and accurate."
+        tail = " " if style.endswith((" involves", " about", " on", " explaining")) else " about "
+        request = f"Write {style}{tail}{topic}. Be concrete and accurate."
         if getattr(tok, "chat_template", None):
             text = tok.apply_chat_template([{"role": "user", "content": request}], tokenize=False, add_generation_prompt=True)
         else:
@@ -82,7 +91,7 @@ def strip_repetition(text: str, max_repeats: int = 1) -> str:
 
 def corpus_path(model, seed: int) -> Path:
     """Where the generated corpus of `model` lives in the cache."""
-    key = f"{model.config.base_config_fingerprint}-{model.config.base_model_name_or_path}-{seed}"
+    key = f"{model.config.base_config_fingerprint}-{model.config.base_model_name_or_path}-{seed}-v{PROMPT_VERSION}"
     return cache_dir() / "corpus" / f"generated-{hashlib.sha256(key.encode()).hexdigest()[:12]}.jsonl"
 
 
@@ -98,9 +107,10 @@ def generated_corpus(
     tok,
     *,
     num_tokens: int = 200_000,
-    batch_size: int = 32,
+    batch_size: int = 128,
     max_new_tokens: int = 320,
     temperature: float = 0.8,
+    top_k: int = 100,
     top_p: float = 0.95,
     seed: int = 0,
     progress: bool = True,
@@ -113,7 +123,8 @@ def generated_corpus(
         num_tokens: Tokens of generated text wanted.
         batch_size: Prompts generated together.
         max_new_tokens: Length cap of one passage.
-        temperature, top_p: Sampling settings (diverse but on-distribution).
+        temperature, top_k, top_p: Sampling settings (diverse but on-distribution; top-k also
+            makes batched sampling cheap, see `balcony.generation.sample`).
         seed: Seed of topics and sampling.
         progress: Show a progress bar.
 
@@ -145,7 +156,7 @@ def generated_corpus(
             mask[i, width - len(e):] = 1
         gen = torch.Generator().manual_seed(seed * 104729 + round_no)
         out = model.generate(ids.to(device), mask.to(device), exit=None, max_new_tokens=max_new_tokens, do_sample=True,
-                             temperature=temperature, top_p=top_p, eos_token_id=tok.eos_token_id, generator=gen)
+                             temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=tok.eos_token_id, generator=gen)
         with open(path, "a") as f:
             for (topic, _), row in zip(prompts, out[:, width:].tolist()):
                 if tok.eos_token_id in row:
