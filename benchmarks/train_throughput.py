@@ -63,6 +63,7 @@ def build(n_exits: int, args):
 
         layers = default_exit_layers(base.config.num_hidden_layers)[:n_exits]
     model = BalconyModel(base, BalconyConfig(exit_layers=layers))
+    model.checkpoint_exits = args.checkpoint_exits
     objective = DistillObjective(model, TrainConfig(chunk_size=args.chunk_size))
     opt = torch.optim.AdamW([p for p in model.exits.parameters()], lr=5e-4)
     return model, objective, opt
@@ -120,6 +121,8 @@ def main() -> None:
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--checkpoint-exits", action=argparse.BooleanOptionalAction, default=True,
+                   help="recompute exit activations in backward, as training does by default (TrainConfig.checkpoint_exits)")
     args = p.parse_args()
     if args.memory_probe:
         memory_probe(args)
@@ -164,7 +167,7 @@ def main() -> None:
         peaks = {}
         for n in (args.exits, 1):
             cmd = [sys.executable, __file__, "--memory-probe", "--exits", str(n), "--batch-size", str(b), "--seq-len", str(s),
-                   "--chunk-size", str(args.chunk_size)] + (["--model", args.model] if args.model else [])
+                   "--chunk-size", str(args.chunk_size)] + (["--checkpoint-exits"] if args.checkpoint_exits else ["--no-checkpoint-exits"]) + (["--model", args.model] if args.model else [])
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             peaks[n] = json.loads(out)["peak_rss_mb"]
         result.update({f"peak_rss_mb_{args.exits}_exits": round(peaks[args.exits]), "peak_rss_mb_1_exit": round(peaks[1]),

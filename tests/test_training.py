@@ -107,6 +107,31 @@ def test_recipes_that_train_the_base_change_it(tiny_setup, tmp_path, recipe):
         assert cfgjson.exit_kind == "norm"
 
 
+def test_checkpointed_exits_give_the_same_gradients(tiny_setup):
+    from balcony import BalconyConfig
+    from balcony.training import DistillObjective
+
+    torch.manual_seed(0)
+    base = tiny_base(vocab_size=54)
+    model = BalconyModel(base, BalconyConfig(exit_layers=[2, 4]))
+    objective = DistillObjective(model, TrainConfig(exit_layers=[2, 4]))
+    batch = {"input_ids": torch.randint(0, 54, (2, 12)), "position_ids": torch.tensor([list(range(5)) + list(range(7))] * 2)}
+    grads, calls = {}, []
+    model.exits["2"].register_forward_pre_hook(lambda *a: calls.append(1))
+    for flag in (False, True):
+        model.checkpoint_exits = flag
+        model.zero_grad(set_to_none=True)
+        calls.clear()
+        loss, _ = objective(batch)
+        loss.backward()
+        grads[flag] = {n: p.grad.clone() for n, p in model.exits.named_parameters()}
+        assert len(calls) == (2 if flag else 1)  # checkpointing re-runs the exit in backward
+    assert grads[True].keys() == grads[False].keys() and grads[False]
+    for name, g in grads[False].items():
+        assert g.abs().sum() > 0, name
+        torch.testing.assert_close(grads[True][name], g, rtol=1e-5, atol=1e-7)
+
+
 def test_kill_and_resume_gives_the_same_exits(tiny_setup, tmp_path, monkeypatch):
     for kw in ({}, {"cache_features": True, "warmup_loss": "logit_mse", "warmup_fraction": 0.3}):
         full, killed = tmp_path / f"full{len(kw)}", tmp_path / f"killed{len(kw)}"

@@ -475,27 +475,33 @@ def _kl_chunk(
     grad = torch.empty_like(hs)
     losses = torch.empty(e, dtype=dtype, device=hs.device)
     for k in range(e):
-        z = F.linear(hs[:, k], weight).to(dtype)  # (n, V)
-        zt = z / temperature if temperature != 1.0 else z
-        log_q = torch.log_softmax(zt, dim=-1)
-        rows = (p_log_p - (p * log_q).sum(-1)) * temperature**2
+        z1 = F.linear(hs[:, k], weight).to(dtype)  # (n, V) logits
+        z = z1 / temperature if temperature != 1.0 else z1  # (a new tensor when T != 1)
+        rows = None
         if ce_weight > 0:
             safe = labels.clamp_min(0)[:, None]  # uncounted rows are zeroed below
-            log_s = log_q if temperature == 1.0 else torch.log_softmax(z, dim=-1)
-            rows = rows - ce_weight * log_s.gather(-1, safe).squeeze(-1)
-        q = log_q.exp_()  # softmax(z / T), reusing log_q's memory
+            # CE is at temperature 1: log_softmax of the unscaled logits at the label.
+            rows = -ce_weight * (z1.gather(-1, safe).squeeze(-1) - torch.logsumexp(z1, dim=-1))
+            s1 = torch.softmax(z1, dim=-1) if temperature != 1.0 else None
+        # KL(p || q) = sum p log p - sum p z + logsumexp(z): one dot product and one logsumexp
+        # over the (n, V) logits, then q = exp(z - lse) in place; fewer passes than log_softmax.
+        p_dot_z = torch.linalg.vecdot(p, z)  # (n,)
+        lse = torch.logsumexp(z, dim=-1)  # (n,)
+        kl = (p_log_p - p_dot_z + lse) * temperature**2
+        rows = kl if rows is None else rows + kl
+        q = z.sub_(lse[:, None]).exp_()  # softmax(z / T), in z's memory
         if ce_weight > 0 and temperature == 1.0:
             g = q.mul_(1.0 + ce_weight).sub_(p)  # (q - p) + ce * q
         else:
             g = q.sub_(p).mul_(temperature)
             if ce_weight > 0:
-                g.add_(log_s.exp_(), alpha=ce_weight)
+                g.add_(s1, alpha=ce_weight)
         if ce_weight > 0:
             g.scatter_add_(-1, safe, torch.full((n, 1), -ce_weight, dtype=dtype, device=hs.device))
         rows = torch.where(keep, rows, torch.zeros((), dtype=dtype, device=hs.device))
         losses[k] = rows.sum()
-        g.mul_((keep_f * exit_weights[k].to(dtype))[:, None])
-        grad[:, k] = (g @ weight.to(dtype)).to(hs.dtype)
+        # Uncounted rows and the exit weight scale rows of the (n, H) product, not the (n, V) gradient.
+        grad[:, k] = ((g @ weight.to(dtype)) * (keep_f * exit_weights[k].to(dtype))[:, None]).to(hs.dtype)
     return losses, grad
 
 

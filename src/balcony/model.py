@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Iterable
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from transformers import DynamicCache
 from transformers import masking_utils
@@ -98,6 +99,8 @@ class BalconyModel(nn.Module):
             base_architecture=summary,
         )
         self._layer_kw = _cache_kwarg(self.parts.layers[0].forward)
+        # Training: recompute each exit layer's activations in backward instead of keeping them.
+        self.checkpoint_exits = False
         self._mask_kw = _cache_kwarg(masking_utils.create_causal_mask)
         base.requires_grad_(False)
         base.eval()
@@ -301,13 +304,14 @@ class BalconyModel(nn.Module):
 
     def _run_exit(self, j: int, hidden: torch.Tensor, masks: dict, layer_kwargs: dict, cache, use_cache: bool) -> torch.Tensor:
         # The exit layer is a copy of the last layer, so it takes the last layer's mask type.
-        return self.exits[str(j)](
-            hidden,
-            attention_mask=masks[self.parts.layer_types[-1]],
-            use_cache=use_cache,
-            **{self._layer_kw: cache},
-            **layer_kwargs,
-        )
+        module = self.exits[str(j)]
+        kwargs = {"attention_mask": masks[self.parts.layer_types[-1]], "use_cache": use_cache, self._layer_kw: cache, **layer_kwargs}
+        if self.checkpoint_exits and torch.is_grad_enabled() and not use_cache and any(p.requires_grad for p in module.parameters()):
+            # Keep only the exit's input; recompute its activations in backward. An exit layer is
+            # ~3% of a training step's FLOPs (the LM head dominates), but its activations are most
+            # of what each extra exit adds to peak memory.
+            return torch.utils.checkpoint.checkpoint(lambda h: module(h, **kwargs), hidden, use_reentrant=False)
+        return module(hidden, **kwargs)
 
     def forward(
         self,

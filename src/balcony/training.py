@@ -86,6 +86,8 @@ class TrainConfig:
         max_grad_norm: Gradient clipping (0: off).
         precision: fp32 | bf16 | fp16 | auto (bf16 where the device supports it, else fp32).
         gradient_checkpointing: Recompute activations in backward (for unfrozen/sorted/pretrain).
+        checkpoint_exits: Recompute each exit layer's activations in backward: ~3% more compute
+            for ~90 MB less peak memory per exit on the embedded model at 8x256 tokens.
         chunk_size: Tokens per logits chunk in the loss.
         seed: Random seed (data order and init).
         output_dir: Where checkpoints, logs and the final exits go.
@@ -133,6 +135,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     precision: str = "fp32"
     gradient_checkpointing: bool = False
+    checkpoint_exits: bool = True
     chunk_size: int = 512
     seed: int = 0
     output_dir: str = "runs/balcony"
@@ -270,6 +273,7 @@ def build_training_model(cfg: TrainConfig) -> tuple[BalconyModel, Any]:
         for j in model.config.exit_layers:
             if j not in cfg.train_exits:
                 model.exits[str(j)].requires_grad_(False)
+    model.checkpoint_exits = cfg.checkpoint_exits
     if cfg.gradient_checkpointing:
         if model.base_trainable:
             model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
