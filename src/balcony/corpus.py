@@ -9,6 +9,7 @@ file in the cache as they are made, so an interrupted build resumes where it sto
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 import random
 from pathlib import Path
@@ -146,7 +147,9 @@ def generated_corpus(
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     round_no = done_lines // batch_size
     while have < num_tokens:
-        prompts = _prompts(tok, batch_size, seed * 7919 + round_no)
+        # The last round only makes what is still missing (a passage averages ~3/4 of max_new_tokens).
+        wanted = math.ceil((num_tokens - have) / (0.6 * max_new_tokens))
+        prompts = _prompts(tok, min(batch_size, max(wanted, 1)), seed * 7919 + round_no)
         enc = [tok(text, add_special_tokens=False).input_ids for _, text in prompts]
         width = max(map(len, enc))
         ids = torch.full((len(enc), width), pad_id, dtype=torch.long)
