@@ -86,6 +86,25 @@ def test_one_token_fast_path_is_bit_identical_to_the_hf_layers(family, kv_heads)
             assert torch.equal(logits[True], logits[False]), (mask is not None, j)
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_few_token_fast_path_matches_the_hf_layers(family):
+    # Verify passes run a few tokens at once after a prefix (`_decode_layer` with T > 1): same result as HF's layers.
+    from balcony.engine import forward_budget
+
+    model = make(family)
+    x = torch.cat([ids(1, 9, seed=1), torch.cat([torch.zeros(1, 2, dtype=torch.long), ids(1, 7, seed=2)], 1)])
+    for mask in (None, torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])):
+        out = {}
+        for fast in (True, False):
+            state = new_state(model, budget_slots(model, 6), 2, 12, mask, fast=fast)
+            with torch.no_grad():
+                prefill(model, state, x[:, :6], 6, mask)
+                if mask is not None:
+                    state.key_valid[:, 6:] = True
+                out[fast] = forward_budget(model, state, x[:, 6:9], 6, keep=3)  # 3 tokens at positions 6..8
+        torch.testing.assert_close(out[True], out[False], atol=1e-5, rtol=0)
+
+
 def test_every_budget_greedy_equals_recompute():
     model = make()
     x = ids(t=4, seed=2)

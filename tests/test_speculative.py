@@ -222,12 +222,12 @@ def _exact_distribution_of_tokens_2_3(model: BalconyModel, x: torch.Tensor) -> d
     return {(b, c): float(joint[b, c]) for b in range(v) for c in range(v)}
 
 
-def _speculative_tokens_2_3(model: BalconyModel, x: torch.Tensor, n: int) -> Counter:
+def _speculative_tokens_2_3(model: BalconyModel, x: torch.Tensor, n: int, **kw) -> Counter:
     # Tokens 2 and 3 are drafted at S in the first round (draft_length 2) and verified.
     g = torch.Generator().manual_seed(0)
     pairs = Counter()
     for _ in range(n):
-        toks = list(speculative_stream(model, x, exit="S", draft_length=2, max_new_tokens=4, do_sample=True, generator=g))
+        toks = list(speculative_stream(model, x, exit="S", draft_length=2, max_new_tokens=4, do_sample=True, generator=g, **kw))
         pairs[(int(toks[1]), int(toks[2]))] += 1
     return pairs
 
@@ -261,6 +261,10 @@ def test_speculative_sampling_matches_the_full_model_distribution(monkeypatch):
         (dict(max_new_tokens=0), "max_new_tokens=0 must be an integer >= 1"),
         (dict(draft_threshold=1.5), "draft_threshold=1.5 must be in"),
         (dict(exit="XXL"), "unknown budget 'XXL'"),
+        (dict(draft_vocab=0), "draft_vocab=0 must be an integer >= 1"),
+        (dict(draft_width=0), "draft_width=0 must be an integer >= 1"),
+        (dict(draft_width=2, draft_length=3), "draft_width=2 drafts several candidates .* draft_length=3"),
+        (dict(draft_width=2, draft_length=1, do_sample=True), "needs greedy decoding .*do_sample=True"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, match):
@@ -296,3 +300,67 @@ def test_cli_generate_speculative(tmp_path, tiny_tokenizer_dir, capsys):
     assert "speculative: draft budget S (layers 1-3 + exit), verify layers 4-6" in err and "tokens per verify pass" in err
     assert main(args + ["--budget", "XL", "--speculative"]) == 2
     assert "needs a draft exit below the full model" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------ cheaper drafts
+def test_draft_vocabulary_keeps_greedy_exact():
+    model = make()
+    x = ids(t=5, seed=2)
+    ref = generate(model, x, max_new_tokens=16)
+    for vocab in (1, 20, 60, VOCAB, 10 * VOCAB):
+        for threshold in (None, 0.05):
+            out, stats = spec_greedy(model, x, "M", 2, draft_vocab=vocab, draft_threshold=threshold)
+            assert torch.equal(out, ref), (vocab, threshold)
+    # One draft id (token 0, which this model never emits): nothing is ever accepted.
+    assert 0 not in ref[0, 5:].tolist()
+    out, stats = spec_greedy(model, x, "M", 2, draft_vocab=1)
+    assert stats.drafted > 0 and stats.accepted == 0
+
+
+def test_draft_vocabulary_keeps_the_sampling_distribution():
+    # Drafts among the first 4 of 8 ids: q has no mass on the others, the rule must still give p.
+    model = _sharp_tiny()
+    x = torch.tensor([[3, 5, 7, 2]])
+    exact = _exact_distribution_of_tokens_2_3(model, x)
+    n = 600
+    stat, dof = _chi2(_speculative_tokens_2_3(model, x, n, draft_vocab=4), exact, n)
+    assert stat < _chi2_critical(dof), (stat, dof)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "phi3"])
+def test_draft_width_greedy_equals_full_depth_greedy(family):
+    model = make(family)
+    for seed in (1, 2):
+        x = ids(t=4 + seed, seed=seed)
+        ref = generate(model, x, max_new_tokens=16)
+        for exit in ("S", "L"):
+            for width in (2, 3):
+                for threshold in (None, 0.1):
+                    out, stats = spec_greedy(model, x, exit, 1, draft_width=width, draft_threshold=threshold)
+                    assert torch.equal(out, ref), (seed, exit, width, threshold)
+                    assert stats.generated == 16 and stats.accepted <= stats.drafted <= stats.rounds
+
+
+def test_draft_width_accepts_a_second_candidate(monkeypatch):
+    # Exit 3 sees exactly the full model's logits (the tail adds nothing); the draft head demotes its top token
+    # to second place, so the accepted candidate is always the second one: its K/V must move to the next index.
+    model = make(exit_kind="norm")
+    _identity_tail(model, 3)
+    x = ids(t=5)
+    ref = generate(model, x, max_new_tokens=17)
+
+    def demote_top(head, rows):
+        def run(h):
+            logits = head(h)
+            top = logits.topk(3, -1)  # the top token's logit goes between the 2nd and the 3rd
+            return logits.scatter(-1, top.indices[..., :1], (top.values[..., 1:2] + top.values[..., 2:3]) / 2)
+
+        return run
+
+    monkeypatch.setattr(spec, "head_rows", demote_top)
+    out, stats = spec_greedy(model, x, 3, 1, n=17, draft_width=2, draft_vocab=VOCAB)
+    assert torch.equal(out, ref)
+    assert stats.accepted == stats.drafted == stats.rounds > 0
+    # With one candidate (the demoted, wrong one) nothing would be accepted.
+    out, stats = spec_greedy(model, x, 3, 1, n=17, draft_vocab=VOCAB)
+    assert torch.equal(out, ref) and stats.accepted == 0

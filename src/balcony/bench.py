@@ -18,7 +18,14 @@ One run, warm-up excluded, measures for one model:
   (untimed) warm-up run of that configuration. tracemalloc does not see torch's
   CPU allocations; RSS does, but it also counts allocator caching, so read it
   as an upper bound on what the run allocated. The engine's KV-cache bytes are
-  reported exactly beside it.
+  reported exactly beside it;
+* with ``quantize`` (``--quantize int8``/``int4``): a weight-quantized copy of the
+  model (`balcony.quantize`) decoding at full depth through the engine and
+  through HF `generate` (the same quantized module tree, a same-model
+  comparison), beside the float rows, and its quality: the fraction of the
+  bench's greedy tokens identical to the float model's, the length of the
+  identical prefix, and the mean KL(float || quantized) of the next-token
+  distributions over the prompt.
 
 Timings are the median of `repeats` runs, taken round-robin over all cases (see
 `run_cases`). Every decode runs exactly `max_new_tokens` tokens (EOS ignored),
@@ -151,17 +158,24 @@ def matmul_floor_s(model: BalconyModel, repeats: int = 5) -> float:
     Decoding one token streams every weight once; this is that cost with no
     attention, norms, Python or sampling, a floor no batch-1 decoder goes under.
     """
-    linears = [mod for layer in model.parts.layers for mod in layer.modules() if isinstance(mod, torch.nn.Linear)]
+    from .quantize import QUANTIZED
+
+    kinds = (torch.nn.Linear, *QUANTIZED)
+    linears = [mod for layer in model.parts.layers for mod in layer.modules() if isinstance(mod, kinds)]
     linears.append(model.parts.lm_head)
     x = {}
+    emb = model.parts.embed_tokens.weight
     with torch.no_grad():
         for mod in linears:  # inputs of the right width, made outside the timed loop
-            x.setdefault(mod.in_features, torch.randn(1, 1, mod.in_features, dtype=mod.weight.dtype, device=mod.weight.device))
+            x.setdefault(mod.in_features, torch.randn(1, 1, mod.in_features, dtype=emb.dtype, device=emb.device))
         times = []
         for _ in range(repeats + 1):
             t0 = time.perf_counter()
             for mod in linears:
-                torch.nn.functional.linear(x[mod.in_features], mod.weight, mod.bias)
+                if type(mod) is torch.nn.Linear:
+                    torch.nn.functional.linear(x[mod.in_features], mod.weight, mod.bias)
+                else:  # a quantized layer: its kernel and casts
+                    mod(x[mod.in_features])
             times.append(time.perf_counter() - t0)
     return statistics.median(times[1:])
 
@@ -190,9 +204,13 @@ def run_bench(
     repeats: int = 3,
     draft_length: int = 4,
     draft_threshold: float | None = None,
+    draft_vocab: int | None = None,
+    draft_width: int = 1,
     batch_size: int = 8,
     hf: bool = True,
     speculative: bool = True,
+    quantize: str | None = None,
+    compile: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Measure everything `balcony bench` reports; returns a JSON-ready dict.
@@ -205,9 +223,14 @@ def run_bench(
         repeats: Timed runs per configuration (median reported); one more warm-up run is not timed.
         draft_length: Tokens drafted per verify pass, for ours and HF's speculative decoding.
         draft_threshold: Our drafts stop early below this exit top-1 probability (None: fixed length).
+        draft_vocab: Our drafts choose among the first this many token ids (None: all).
+        draft_width: Candidates our drafts propose for one position (> 1: a tree of depth 1, draft_length 1).
         batch_size: The batched HF `generate` (and engine) comparison.
         hf: Include HF `generate` baselines.
         speculative: Include self-speculative decoding.
+        quantize: Also time (and score) a copy of the model quantized this way ("int8", "int4"; None: no).
+        compile: Also time full-depth decoding with the decode step through `torch.compile` (inductor),
+            float and quantized; the compile time (first run) is reported apart.
         log: Progress printer.
     """
     from transformers import GenerationConfig
@@ -219,6 +242,14 @@ def run_bench(
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 2 to time decoding apart from prefill")
     if repeats < 1:
         raise ValueError(f"repeats={repeats} must be >= 1")
+    qmodel = None
+    if quantize:
+        import copy
+
+        from .quantize import quantize_model
+
+        qmodel = copy.deepcopy(model)
+        quantize_model(qmodel, quantize)
     base = model.base
     n = model.num_layers
     ids = make_prompt(tokenizer, prompt_tokens)
@@ -229,10 +260,10 @@ def run_bench(
     # Every case times itself. Decode rates exclude prefill and the first token, for every row alike:
     # the engine and speculative decoding are timed from their first streamed token; HF generate
     # (no stream) as t(max_new_tokens) - t(1 token).
-    def engine_run(exit: int, x: torch.Tensor) -> tuple[float, float]:
+    def engine_run(exit: int, x: torch.Tensor, m: BalconyModel = model, compiled: bool = False) -> tuple[float, float]:
         t0 = time.perf_counter()
         first = None
-        for _ in generate_stream(model, x, exit=exit, max_new_tokens=max_new_tokens):
+        for _ in generate_stream(m, x, exit=exit, max_new_tokens=max_new_tokens, compile=compiled):
             if first is None:
                 first = time.perf_counter()
         return first - t0, time.perf_counter() - first
@@ -241,19 +272,20 @@ def run_bench(
         stats = SpeculativeStats(j, draft_length)
         first = None
         for _ in speculative_stream(
-            model, ids, exit=j, draft_length=draft_length, draft_threshold=draft_threshold, max_new_tokens=max_new_tokens, stats=stats
+            model, ids, exit=j, draft_length=draft_length, draft_threshold=draft_threshold, draft_vocab=draft_vocab,
+            draft_width=draft_width, max_new_tokens=max_new_tokens, stats=stats,
         ):
             if first is None:
                 first = time.perf_counter()
         return time.perf_counter() - first, stats
 
-    def hf_run(x: torch.Tensor, new_tokens: int, **extra) -> Callable[[], float]:
+    def hf_run(x: torch.Tensor, new_tokens: int, hf_base: torch.nn.Module = base, **extra) -> Callable[[], float]:
         cfg = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=pad, **extra)
         mask = torch.ones_like(x)
 
         def run() -> None:
             with torch.no_grad():
-                base.generate(x, attention_mask=mask, generation_config=cfg)
+                hf_base.generate(x, attention_mask=mask, generation_config=cfg)
 
         return _wall(run)
 
@@ -266,6 +298,11 @@ def run_bench(
         cases["hf:B:first"] = hf_run(xb, 1)
         cases["hf:B"] = hf_run(xb, max_new_tokens)
         cases["engine:B"] = lambda: engine_run(n, xb)
+    if qmodel is not None:
+        cases["engine_q"] = lambda: engine_run(n, ids, qmodel)
+        if hf:
+            cases["hf_q:1:first"] = hf_run(ids, 1, qmodel.base)
+            cases["hf_q:1"] = hf_run(ids, max_new_tokens, qmodel.base)
     if speculative:
         for name, j in small.items():
             cases[f"spec:{j}"] = lambda j=j: spec_run(j)
@@ -276,6 +313,16 @@ def run_bench(
     engine_run(n, ids)
     for j in model.exit_layers:
         engine_run(j, ids[:, :2])
+    if qmodel is not None:
+        engine_run(n, ids, qmodel)
+    compile_s = {}
+    if compile:
+        for key, m in (("engine_c", model), ("engine_qc", qmodel)):
+            if m is not None:
+                t0 = time.perf_counter()
+                engine_run(n, ids, m, True)  # compiles (and recompiles once for the growing cache)
+                compile_s[key] = time.perf_counter() - t0
+                cases[key] = lambda m=m: engine_run(n, ids, m, True)
     floor = matmul_floor_s(model)
     log(f"[bench] weight matmuls alone (full depth): {1 / floor:.1f} tok/s; running {len(cases)} cases x {repeats} rounds")
     runs, memory = run_cases(cases, repeats, log)
@@ -290,6 +337,8 @@ def run_bench(
         "repeats": repeats,
         "draft_length": draft_length,
         "draft_threshold": draft_threshold,
+        "draft_vocab": draft_vocab,
+        "draft_width": draft_width,
         "batch_size": batch_size,
         "exit_layers": model.exit_layers,
         "matmul_floor_tok_s": 1 / floor,
@@ -333,6 +382,26 @@ def run_bench(
         }
         result["engine_over_hf_batch1"] = full_rate / result["hf"]["batch1"]["decode_tok_s"]
 
+    if compile_s:
+        result["compiled"] = {
+            key: {
+                "decode_tok_s": (max_new_tokens - 1) / med(x[1] for x in runs[key]),
+                "first_run_s": compile_s[key],
+                "peak_rss_mb": memory[key],
+            }
+            for key in compile_s
+        }
+        result["compiled"]["engine_c"]["over_eager"] = result["compiled"]["engine_c"]["decode_tok_s"] / full_rate
+    if qmodel is not None:
+        result["quantized"] = quantized_row(
+            model, qmodel, quantize, ids, max_new_tokens, runs, memory, full_rate, result["hf"].get("batch1")
+        )
+        if "engine_qc" in compile_s:
+            qc = result["compiled"]["engine_qc"]
+            qc["over_eager"] = qc["decode_tok_s"] / result["quantized"]["engine_decode_tok_s"]
+            if hf:
+                qc["over_hf_float"] = qc["decode_tok_s"] / result["hf"]["batch1"]["decode_tok_s"]
+
     if speculative:
         for name, j in small.items():
             r = runs[f"spec:{j}"]
@@ -355,6 +424,57 @@ def run_bench(
                 row["hf_layerskip_peak_rss_mb"] = memory[f"layerskip:{j}"]
             result["speculative"].append(row)
     return result
+
+
+def quantized_row(
+    model: BalconyModel,
+    qmodel: BalconyModel,
+    mode: str,
+    ids: torch.Tensor,
+    max_new_tokens: int,
+    runs: dict,
+    memory: dict,
+    full_rate: float,
+    hf_float: dict | None,
+) -> dict:
+    """Speed and quality of the quantized copy: engine and HF tok/s, ratios, greedy agreement, KL on the prompt."""
+    from .engine import generate
+    from .quantize import QUANTIZED
+
+    med = statistics.median
+    rate = (max_new_tokens - 1) / med(x[1] for x in runs["engine_q"])
+    with torch.no_grad():
+        ref = generate(model, ids, max_new_tokens=max_new_tokens)[0, ids.shape[1] :]
+        out = generate(qmodel, ids, max_new_tokens=max_new_tokens)[0, ids.shape[1] :]
+        logp = model(ids).logits[0].float().log_softmax(-1)  # (T, V) next-token distributions over the prompt
+        logq = qmodel(ids).logits[0].float().log_softmax(-1)
+    same = ref == out
+    weights = sum(
+        sum(t.nbytes for t in mod.parameters(recurse=False)) + sum(t.nbytes for t in mod.buffers(recurse=False))
+        for mod in qmodel.modules()
+        if isinstance(mod, (torch.nn.Linear, *QUANTIZED))
+    )
+    row = {
+        "mode": mode,
+        "engine_decode_tok_s": rate,
+        "engine_peak_rss_mb": memory["engine_q"],
+        "over_engine_float": rate / full_rate,
+        "matmul_floor_tok_s": 1 / matmul_floor_s(qmodel),
+        "linear_weights_mb": weights / 2**20,
+        "greedy_match": float(same.float().mean()),
+        "greedy_identical_prefix": int(same.long().cumprod(0).sum()),
+        "greedy_tokens": int(same.numel()),
+        "kl_float_quantized": float((logp.exp() * (logp - logq)).sum(-1).mean()),
+    }
+    if hf_float is not None:
+        hf_q = (max_new_tokens - 1) / (med(runs["hf_q:1"]) - med(runs["hf_q:1:first"]))
+        row.update(
+            hf_decode_tok_s=hf_q,
+            hf_peak_rss_mb=memory["hf_q:1"],
+            engine_over_hf_float=rate / hf_float["decode_tok_s"],
+            engine_over_hf_quantized=rate / hf_q,
+        )
+    return row
 
 
 def _kv_mb(model: BalconyModel, j: int, batch: int, length: int) -> float:
@@ -396,11 +516,43 @@ def format_table(result: dict) -> str:
             f"weight matmuls alone (full depth, batch 1): {result['matmul_floor_tok_s']:.1f} tok/s; "
             f"the engine runs at {full / result['matmul_floor_tok_s']:.0%} of that floor"
         )
+    q = result.get("quantized")
+    if q:
+        full = result["budgets"][-1]["decode_tok_s"]
+        lines += ["", f"weight-only {q['mode']} (full depth, batch 1){'':<6}{'decode tok/s':>14}{'peak MiB':>10}"]
+        if "hf_decode_tok_s" in q:
+            lines.append(f"{'HF generate, float':<36}{result['hf']['batch1']['decode_tok_s']:>14.1f}{result['hf']['batch1']['peak_rss_mb']:>10.1f}")
+        lines.append(f"{'engine, float':<36}{full:>14.1f}{result['budgets'][-1]['peak_rss_mb']:>10.1f}")
+        lines.append(f"{'engine, ' + q['mode']:<36}{q['engine_decode_tok_s']:>14.1f}{q['engine_peak_rss_mb']:>10.1f}")
+        if "hf_decode_tok_s" in q:
+            lines.append(f"{'HF generate, ' + q['mode'] + ' (same modules)':<36}{q['hf_decode_tok_s']:>14.1f}{q['hf_peak_rss_mb']:>10.1f}")
+            lines.append(
+                f"engine {q['mode']} / HF generate float: {q['engine_over_hf_float']:.2f}x; "
+                f"/ HF generate {q['mode']}: {q['engine_over_hf_quantized']:.2f}x; / engine float: {q['over_engine_float']:.2f}x"
+            )
+        else:
+            lines.append(f"engine {q['mode']} / engine float: {q['over_engine_float']:.2f}x")
+        lines.append(
+            f"{q['mode']} linear weights {q['linear_weights_mb']:.1f} MiB, matmuls alone {q['matmul_floor_tok_s']:.1f} tok/s; "
+            f"quality: {q['greedy_match']:.0%} of {q['greedy_tokens']} greedy tokens identical to float "
+            f"(first {q['greedy_identical_prefix']} in a row), mean KL(float || {q['mode']}) over the prompt {q['kl_float_quantized']:.4f} nats"
+        )
+    for key, c in result.get("compiled", {}).items():
+        label = "float" if key == "engine_c" else result["quantized"]["mode"]
+        line = (
+            f"engine, {label}, torch.compile (inductor): {c['decode_tok_s']:.1f} tok/s, {c['over_eager']:.2f}x eager "
+            f"(first run, compiling: {c['first_run_s']:.0f} s)"
+        )
+        if "over_hf_float" in c:
+            line += f"; {c['over_hf_float']:.2f}x HF generate float"
+        lines += ([""] if key == "engine_c" else []) + [line]
     if result["speculative"]:
         lines += [
             "",
             f"self-speculative, draft length {result['draft_length']}"
             + (f", drafts stop below top-1 p {result['draft_threshold']}" if result.get("draft_threshold") is not None else "")
+            + (f", drafts among the first {result['draft_vocab']} token ids" if result.get("draft_vocab") else "")
+            + (f", {result['draft_width']} candidates per drafted position" if result.get("draft_width", 1) > 1 else "")
             + " (output = full model's)",
             f"{'draft':<7}{'layer':>6}{'accept':>8}{'tok/pass':>10}{'passes':>8}{'tok/s':>8}{'vs full':>9}{'peak MiB':>10}"
             + (f"{'HF LayerSkip tok/s':>20}{'vs HF':>8}" if "hf_layerskip_tok_s" in result["speculative"][0] else ""),
@@ -472,13 +624,17 @@ def bench(
     max_new_tokens: int = 64,
     prompt_tokens: int = 64,
     repeats: int = 3,
-    draft_length: int = 4,
-    draft_threshold: float | None = None,
+    draft_length: int = 1,
+    draft_threshold: float | None = 0.4,
+    draft_vocab: int | None = 8192,
+    draft_width: int = 1,
     batch_size: int = 8,
     threads: int = 0,
     out: str = "runs/bench",
     hf: bool = True,
     speculative: bool = True,
+    quantize: str | None = None,
+    compile: bool = False,
 ) -> int:
     """Benchmark decoding: tok/s per budget vs ideal, HF generate, self-speculative decoding, memory.
 
@@ -490,26 +646,36 @@ def bench(
         max_new_tokens: Tokens decoded per run (a CI-sized run: 8).
         prompt_tokens: Prompt length in tokens.
         repeats: Timed runs per configuration (median); a warm-up run is not timed.
-        draft_length: Tokens drafted per verify pass (ours and HF's).
-        draft_threshold: Stop our drafts early below this exit top-1 probability (Kangaroo-style).
+        draft_length: Tokens drafted per verify pass (ours and HF's). The defaults (1 token, threshold 0.4,
+            8192-token draft vocabulary) were the fastest measured with the trained SmolLM2 exits.
+        draft_threshold: Stop our drafts early below this exit top-1 probability (Kangaroo-style; 0: never).
+        draft_vocab: Our drafts choose among the first this many token ids (a cheaper draft head; 0: all).
+        draft_width: Candidates our drafts propose for one position (> 1: verified side by side; needs draft length 1).
         batch_size: Batch size of the batched HF generate comparison.
         threads: torch CPU threads (0: torch's default).
         out: Directory for bench.json and bench.png.
         hf: Include HF generate baselines.
         speculative: Include self-speculative decoding.
+        quantize: Also run a weight-quantized copy (int8, int4) at full depth, through the engine and HF generate, with its quality.
+        compile: Also time full-depth decoding through torch.compile (inductor; compiling takes a minute or more on CPU).
     """
     from transformers.utils import logging as hf_logging
 
     from .commands import build_model
 
     hf_logging.set_verbosity_error()  # assisted generation warns about its own internal arguments
+    if quantize:
+        from .quantize import parse_mode
+
+        parse_mode(quantize)  # a bad mode fails before the model loads
     if threads:
         torch.set_num_threads(threads)
     m, tok, trained = build_model(model, exits, exit_layers, exit_kind)
     print(f"[bench] exits {'trained' if trained else 'UNTRAINED (initialised from the last layer): speculative acceptance is low'}", file=sys.stderr)
     result = run_bench(
         m, tok, max_new_tokens=max_new_tokens, prompt_tokens=prompt_tokens, repeats=repeats, draft_length=draft_length,
-        draft_threshold=draft_threshold, batch_size=batch_size, hf=hf, speculative=speculative, log=lambda s: print(s, file=sys.stderr),
+        draft_threshold=draft_threshold if draft_threshold and draft_threshold > 0 else None, draft_vocab=draft_vocab or None,
+        draft_width=draft_width, batch_size=batch_size, hf=hf, speculative=speculative, quantize=quantize, compile=compile, log=lambda s: print(s, file=sys.stderr),
     )
     result["exits_trained"] = trained
     print(format_table(result))

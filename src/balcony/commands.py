@@ -21,14 +21,23 @@ def build_model(
     exit_kind: str = "decoder",
     dtype: str = "float32",
     device: str | None = None,
+    quantize: str | None = None,
 ) -> tuple[BalconyModel, object, bool]:
-    """Base + exits for a command; returns (model, tokenizer, trained?)."""
+    """Base + exits for a command, weight-quantized if asked (`BalconyModel.quantize`); returns (model, tokenizer, trained?)."""
+    if quantize:
+        from .quantize import parse_mode
+
+        parse_mode(quantize)  # a bad mode fails before the model loads
     base, tok = load_base(model, dtype=dtype, device=device)
     if exits:
-        return BalconyModel.from_pretrained(base, exits), tok, True
-    n = base.config.num_hidden_layers
-    layers = exit_layers or (DEFAULT_EXITS[DEFAULT_MODEL] if is_default(model) else default_exit_layers(n))
-    return BalconyModel(base, BalconyConfig(exit_layers=layers, exit_kind=exit_kind)), tok, False
+        m, trained = BalconyModel.from_pretrained(base, exits), True
+    else:
+        n = base.config.num_hidden_layers
+        layers = exit_layers or (DEFAULT_EXITS[DEFAULT_MODEL] if is_default(model) else default_exit_layers(n))
+        m, trained = BalconyModel(base, BalconyConfig(exit_layers=layers, exit_kind=exit_kind)), False
+    if quantize:
+        m.quantize(quantize)
+    return m, tok, trained
 
 
 def encode_prompt(tok, prompt: str, chat: bool) -> torch.Tensor:
@@ -57,8 +66,11 @@ def generate(
     speculative: bool = False,
     draft_length: int = 4,
     draft_threshold: float | None = None,
+    draft_vocab: int | None = None,
+    draft_width: int = 1,
     stop: str | None = None,
     compile: bool = False,
+    quantize: str | None = None,
 ) -> int:
     """Generate text at one compute budget, streaming tokens as they come.
 
@@ -77,13 +89,16 @@ def generate(
         speculative: Self-speculative decoding: draft at --budget, verify with the remaining layers (full-model output).
         draft_length: Tokens drafted per verify pass (with --speculative).
         draft_threshold: Stop a draft once the exit's top-1 probability falls below this (with --speculative).
+        draft_vocab: Draft among the first this many token ids only, a cheaper draft head (with --speculative; e.g. 8192).
+        draft_width: Candidates drafted for the next position, verified side by side (with --speculative, greedy, --draft-length 1).
         stop: Stop once the output contains this string.
         compile: Compile the decode step with torch.compile (slow start; plain decoding only).
+        quantize: Weight-only quantization: int8 (per channel) or int4 (groups of 32; int4-64, int4-128).
     """
     from .engine import generate_stream
     from .speculative import SpeculativeStats, speculative_stream
 
-    m, tok, trained = build_model(model, exits)
+    m, tok, trained = build_model(model, exits, quantize=quantize)
     j = m.resolve_exit(budget)
     ids = encode_prompt(tok, prompt, chat)
     gen = torch.Generator().manual_seed(seed)
@@ -94,7 +109,10 @@ def generate(
     stats = None
     if speculative:
         stats = SpeculativeStats(j, draft_length)
-        stream = speculative_stream(m, ids, exit=j, draft_length=draft_length, draft_threshold=draft_threshold, stats=stats, **common)
+        stream = speculative_stream(
+            m, ids, exit=j, draft_length=draft_length, draft_threshold=draft_threshold, draft_vocab=draft_vocab,
+            draft_width=draft_width, stats=stats, **common,
+        )
     else:
         stream = generate_stream(m, ids, exit=j, compile=compile, **common)
     t0 = time.perf_counter()

@@ -20,12 +20,14 @@ everything *around* them that costs time per token:
 * `generate`'s logits processors and stopping criteria;
 * on one-token steps of Llama-style layers (Llama, Mistral, Qwen2), HF's
   per-layer plumbing around the ~25 tensor ops of a layer: `_decode_layer`
-  replays those ops in the same order, so its output is bit-identical.
+  replays those ops in the same order, so its output is bit-identical (spans
+  of a few tokens, e.g. speculative verify passes, take it too).
 
 What is left is the weights: at batch 1 every weight is streamed from memory
 once per token, and on a CPU that is ~80% of a float32 decode step
 (`balcony bench` prints this floor), so removing overhead buys ~1.1x over HF
-`generate` there; speculative decoding and batching are what go further.
+`generate` there; fewer weight bytes (`BalconyModel.quantize`: int8 or int4
+weights, `balcony.quantize`), batching and speculative decoding go further.
 
 The write pointer can move back, which is all a speculative rollback needs.
 Self-speculative decoding (`balcony.speculative`) reuses `Span`,
@@ -287,6 +289,10 @@ _FAST_CLASSES = {
 }
 
 
+# Spans of up to this many tokens take the fast path: decode steps, speculative verify passes, short prompts.
+FAST_MAX_TOKENS = 16
+
+
 def _fast_ok(layer: torch.nn.Module | None) -> bool:
     """Whether `_decode_layer` reproduces this layer's forward (known classes, no dropout, no hooks)."""
     if layer is None or type(layer).__name__ not in _FAST_CLASSES["layer"]:
@@ -316,41 +322,55 @@ def _rms(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon))
 
 
+def _linear(mod: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`mod(x)` for a linear layer: a plain nn.Linear skips its module call, a quantized one (`balcony.quantize`) runs."""
+    if type(mod) is torch.nn.Linear:
+        return torch.nn.functional.linear(x, mod.weight, mod.bias)
+    return mod(x)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def _decode_layer(layer: torch.nn.Module, h: torch.Tensor, span: "Span", cache: StaticKVCache, mask: torch.Tensor | None) -> torch.Tensor:
-    """A Llama-style decoder layer on one token per sequence: (B, 1, H) -> (B, 1, H).
+    """A Llama-style decoder layer on a few tokens per sequence: (B, T, H) -> (B, T, H).
 
-    The same ops in the same order as HF's LlamaDecoderLayer with SDPA
-    attention, including its one-query GQA paths, so the result is the same.
+    For one token (T = 1), the same ops in the same order as HF's
+    LlamaDecoderLayer with SDPA attention, including its one-query GQA paths,
+    so the result is the same. A few tokens (a speculative verify pass, T =
+    drafts + 1) take SDPA's own GQA with the span's mask (None: a fresh
+    prompt, plain causal), equal to HF's up to float rounding.
     """
     attn, mlp = layer.self_attn, layer.mlp
-    b, d = h.shape[0], attn.head_dim
+    (b, t), d = h.shape[:2], attn.head_dim
     x = _rms(layer.input_layernorm, h)
-    q = torch.nn.functional.linear(x, attn.q_proj.weight, attn.q_proj.bias).view(b, 1, -1, d).transpose(1, 2)  # (B, Hq, 1, D)
-    k = torch.nn.functional.linear(x, attn.k_proj.weight, attn.k_proj.bias).view(b, 1, -1, d).transpose(1, 2)  # (B, Hkv, 1, D)
-    v = torch.nn.functional.linear(x, attn.v_proj.weight, attn.v_proj.bias).view(b, 1, -1, d).transpose(1, 2)
-    cos, sin = span.rope[0].unsqueeze(1), span.rope[1].unsqueeze(1)  # (B|1, 1, 1, D)
+    q = _linear(attn.q_proj, x).view(b, t, -1, d).transpose(1, 2)  # (B, Hq, T, D)
+    k = _linear(attn.k_proj, x).view(b, t, -1, d).transpose(1, 2)  # (B, Hkv, T, D)
+    v = _linear(attn.v_proj, x).view(b, t, -1, d).transpose(1, 2)
+    cos, sin = span.rope[0].unsqueeze(1), span.rope[1].unsqueeze(1)  # (B|1, 1, T, D)
     q = (q * cos) + (_rotate_half(q) * sin)
     k = (k * cos) + (_rotate_half(k) * sin)
     k, v = cache.update(k, v, attn.layer_idx)  # (B, Hkv, L, D)
     rep = attn.num_key_value_groups
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    if rep > 1 and mask is None and k.shape[-1] == v.shape[-1] <= 256:  # HF: SDPA's own GQA
+    if t > 1:
+        o = sdpa(q, k, v, attn_mask=mask, dropout_p=0.0, scale=attn.scaling, is_causal=mask is None, enable_gqa=rep > 1)
+        o = o.transpose(1, 2).reshape(b, t, -1)  # (B, T, Hq * D)
+    elif rep > 1 and mask is None and k.shape[-1] == v.shape[-1] <= 256:  # HF: SDPA's own GQA
         o = sdpa(q, k, v, attn_mask=None, dropout_p=0.0, scale=attn.scaling, is_causal=False, enable_gqa=True)
     elif rep > 1:  # HF's pack_gqa: a KV head's query heads become its queries
         o = sdpa(q.reshape(b, -1, rep, d), k, v, attn_mask=mask, dropout_p=0.0, scale=attn.scaling, is_causal=False)
     else:
         o = sdpa(q, k, v, attn_mask=mask, dropout_p=0.0, scale=attn.scaling, is_causal=False)
-    o = o.reshape(b, -1, 1, d).transpose(1, 2).contiguous().reshape(b, 1, -1)  # (B, 1, Hq * D)
-    h = h + torch.nn.functional.linear(o, attn.o_proj.weight, attn.o_proj.bias)
+    if t == 1:
+        o = o.reshape(b, -1, 1, d).transpose(1, 2).contiguous().reshape(b, 1, -1)  # (B, 1, Hq * D)
+    h = h + _linear(attn.o_proj, o)
     x = _rms(layer.post_attention_layernorm, h)
-    up = torch.nn.functional.linear(x, mlp.up_proj.weight, mlp.up_proj.bias)
-    gate = mlp.act_fn(torch.nn.functional.linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias))
-    return h + torch.nn.functional.linear(gate * up, mlp.down_proj.weight, mlp.down_proj.bias)
+    up = _linear(mlp.up_proj, x)
+    gate = mlp.act_fn(_linear(mlp.gate_proj, x))
+    return h + _linear(mlp.down_proj, gate * up)
 
 
 # ----------------------------------------------------------------------------- forward pieces
@@ -358,7 +378,7 @@ def run_layers(model: BalconyModel, state: DecodeState, span: Span, hidden: torc
     """(B, T, H) hidden after layer `start` -> after layer `stop`, through base layers start..stop-1."""
     layers, types = model.parts.layers, model.parts.layer_types
     state.cache.pos = span.pos
-    fast = state.fast if span.length == 1 else None
+    fast = state.fast if span.length <= FAST_MAX_TOKENS else None
     kwargs = {model._layer_kw: state.cache, "use_cache": True, "position_ids": span.position_ids, "position_embeddings": span.rope}
     for i in range(start, stop):
         layer, mask = layers[i], span.masks[types[i]]
@@ -377,7 +397,7 @@ def run_exit(model: BalconyModel, state: DecodeState, span: Span, hidden: torch.
         return model.parts.norm(hidden)
     state.cache.pos = span.pos
     mask = span.masks[model.parts.layer_types[-1]]  # the exit layer is a copy of the last layer
-    if span.length == 1 and state.fast and state.fast.get(id(module.layer)) and not module._forward_hooks:
+    if span.length <= FAST_MAX_TOKENS and state.fast and state.fast.get(id(module.layer)) and not module._forward_hooks:
         return module.norm(_decode_layer(module.layer, hidden, span, state.cache, mask))
     return module(
         hidden,

@@ -453,6 +453,8 @@ class BalconyModel(nn.Module):
         speculative: bool = False,
         draft_length: int = 4,
         draft_threshold: float | None = None,
+        draft_vocab: int | None = None,
+        draft_width: int = 1,
         return_stats: bool = False,
         **kwargs,
     ):
@@ -467,6 +469,10 @@ class BalconyModel(nn.Module):
             draft_length: Tokens drafted per verify pass (speculative only).
             draft_threshold: Stop a draft early once the exit's top-1 probability
                 falls below this (speculative only; None: always `draft_length`).
+            draft_vocab: Draft among the first `draft_vocab` token ids only, a cheaper draft
+                head (speculative only; None: the whole vocabulary).
+            draft_width: Candidates drafted for the next position, verified side by side
+                (speculative greedy with draft_length=1 only).
             return_stats: Also return the `SpeculativeStats` (speculative only).
             **kwargs: max_new_tokens, do_sample, temperature, top_k, top_p,
                 eos_token_id, pad_token_id, stop_strings, tokenizer, generator,
@@ -483,14 +489,36 @@ class BalconyModel(nn.Module):
             from .speculative import speculative_generate
 
             out, stats = speculative_generate(
-                self, input_ids, attention_mask, exit=exit, draft_length=draft_length, draft_threshold=draft_threshold, **kwargs
+                self, input_ids, attention_mask, exit=exit, draft_length=draft_length, draft_threshold=draft_threshold,
+                draft_vocab=draft_vocab, draft_width=draft_width, **kwargs,
             )
             return (out, stats) if return_stats else out
         if return_stats:
             raise ValueError("return_stats=True needs speculative=True: plain decoding has no acceptance statistics")
+        if draft_vocab is not None:
+            raise ValueError(f"draft_vocab={draft_vocab!r} needs speculative=True: plain decoding does not draft")
         from .engine import generate
 
         return generate(self, input_ids, attention_mask, exit=exit, **kwargs)
+
+    def quantize(self, mode: str = "int8") -> "BalconyModel":
+        """Quantize the weights in place for decoding (inference only); returns the model.
+
+        Weight-only, gpt-fast style: the linear layers of the base's decoder layers,
+        of the exits and the LM head (a tied head gets its own copy; the embedding
+        stays float). See `balcony.quantize`.
+
+        Args:
+            mode: "int8" (per-output-channel scales) or "int4" (groups of 32 input
+                channels; "int4-64", "int4-128" pick the group size; the head stays int8).
+
+        Example:
+            >>> model.quantize("int8").generate(ids, max_new_tokens=16)  # doctest: +SKIP
+        """
+        from .quantize import quantize_model
+
+        quantize_model(self, mode)
+        return self
 
     # -------------------------------------------------------------- save/load
     def exit_state_dict(self) -> dict[str, torch.Tensor]:

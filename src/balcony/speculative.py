@@ -27,6 +27,24 @@ state is carried over and runs through the exit together with the next P.
 With greedy decoding the output equals full-depth greedy decoding; with
 sampling its distribution is the full model's (Leviathan et al., 2023).
 Batches are decoded one sequence at a time.
+
+What a round costs at batch 1, where a pass over a layer costs about the same
+for 1 to 3 positions (its weights are read once): in units of one decoder
+layer, full-depth decoding costs N + H per token (H: the LM head, 8 layers'
+worth on SmolLM2-135M). A round with one draft costs N + H (P's own pass and
+the verify pass share layers 1..N), plus E + H_d for the exit and the draft
+head, plus j for the draft's own pass through layers 1..j, which is wasted
+when the draft is rejected. So a draft pays off only when it is accepted with
+probability above (j + E + H_d) / (N + H): 0.43-0.59 for SmolLM2's exits at
+14-20 with an 8192-id draft head. Three knobs lower the cost or raise the odds:
+
+* `draft_vocab`: the draft head scores only the first ids (8192 of 49152:
+  H_d = H / 6; BPE vocabularies list frequent tokens first);
+* `draft_threshold`: draft only when the exit is sure (Kangaroo-style), so
+  drafts that would be rejected are not paid for;
+* `draft_width`: the exit's top 2-3 tokens go through layers 1..j side by
+  side (one weight pass) and are verified together (a tree of depth 1), so a
+  drafted position is accepted more often for the same cost.
 """
 
 from __future__ import annotations
@@ -36,9 +54,10 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .engine import StopChecker, budget_slots, check_inputs, make_span, new_state, run_exit, run_layers
+from .engine import Span, StopChecker, budget_slots, check_inputs, make_span, new_state, run_exit, run_layers
 from .generation import SamplingConfig, logits_to_probs, sample, sample_from_probs
 from .model import BalconyModel, Exit
+from .quantize import head_rows
 
 
 @dataclass
@@ -119,7 +138,7 @@ def accept_drafts(
     return a, sample_from_probs(residual[None], generator)
 
 
-def _check(model: BalconyModel, exit: Exit, draft_length: int, draft_threshold: float | None) -> int:
+def _check(model: BalconyModel, exit: Exit, draft_length: int, draft_threshold: float | None, draft_vocab: int | None = None) -> int:
     j = model.resolve_exit(exit)
     n = model.num_layers
     if j >= n:
@@ -131,6 +150,8 @@ def _check(model: BalconyModel, exit: Exit, draft_length: int, draft_threshold: 
         raise ValueError(f"draft_length={draft_length!r} must be an integer >= 1 (tokens drafted per verify pass)")
     if draft_threshold is not None and not 0.0 <= draft_threshold < 1.0:
         raise ValueError(f"draft_threshold={draft_threshold!r} must be in [0, 1) or None")
+    if draft_vocab is not None and (not isinstance(draft_vocab, int) or isinstance(draft_vocab, bool) or draft_vocab < 1):
+        raise ValueError(f"draft_vocab={draft_vocab!r} must be an integer >= 1 (draft among the first token ids) or None (all)")
     return j
 
 
@@ -142,6 +163,8 @@ def speculative_stream(
     exit: Exit = "S",
     draft_length: int = 4,
     draft_threshold: float | None = None,
+    draft_vocab: int | None = None,
+    draft_width: int = 1,
     max_new_tokens: int = 32,
     do_sample: bool = False,
     temperature: float = 1.0,
@@ -163,6 +186,17 @@ def speculative_stream(
         exit: Draft budget (name or exit layer), below the full model.
         draft_length: Most tokens drafted per round (gamma >= 1).
         draft_threshold: Stop drafting once the exit's top-1 probability is below this (Kangaroo-style).
+        draft_vocab: Draft among the first `draft_vocab` token ids only (None: all). The draft
+            head then reads that many rows of the LM head instead of all of them; BPE
+            vocabularies list frequent tokens first, so few drafts are lost. The output is
+            unchanged (greedy: still the full model's; sampling: still its distribution).
+        draft_width: Candidates drafted for the next position (greedy only, with draft_length=1):
+            the exit's top `draft_width` tokens go through layers 1..j side by side and are
+            verified in one pass (a tree of depth 1, each candidate attending to the prefix and
+            itself). At batch 1 a few positions cost one weight pass, so 2-3 candidates cost about
+            what one does and are accepted more often. `draft_threshold` then gates the round on
+            the candidates' total probability. A round drafts one position: `stats.drafted` counts
+            rounds that drafted, `stats.accepted` those where a candidate was the full model's token.
         max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id,
             stop_strings, tokenizer, generator: as in `balcony.engine.generate`.
         stats: Filled in as decoding goes (pass a fresh one to read the counters).
@@ -171,20 +205,28 @@ def speculative_stream(
         ValueError: a batch of more than one sequence (use `speculative_generate`), or bad arguments.
     """
     check_inputs(input_ids, attention_mask, max_new_tokens)
-    j = _check(model, exit, draft_length, draft_threshold)
+    j = _check(model, exit, draft_length, draft_threshold, draft_vocab)
     if input_ids.shape[0] != 1:
         raise ValueError(
             f"speculative_stream decodes one sequence, got batch size {input_ids.shape[0]}; "
             "speculative_generate runs a batch one sequence at a time"
         )
     cfg = SamplingConfig(do_sample, temperature, top_k, top_p)
+    if not isinstance(draft_width, int) or isinstance(draft_width, bool) or draft_width < 1:
+        raise ValueError(f"draft_width={draft_width!r} must be an integer >= 1 (candidates drafted per position)")
+    if draft_width > 1 and (do_sample or draft_length != 1):
+        raise ValueError(
+            f"draft_width={draft_width} drafts several candidates for one position: it needs greedy decoding "
+            f"and draft_length=1 (got do_sample={do_sample}, draft_length={draft_length})"
+        )
     stats = stats if stats is not None else SpeculativeStats(j, draft_length)
     n_layers, t = model.num_layers, input_ids.shape[1]
     parts = model.parts
+    draft_head = head_rows(parts.lm_head, draft_vocab) if draft_vocab else parts.lm_head
     # One cache for both: layers 1..N (shared by drafter and verifier), the draft exit's slot, and the
     # full budget's own exit slot if the model has an exit at layer N.
     slots = sorted(set(budget_slots(model, n_layers)) | set(budget_slots(model, j)))
-    state = new_state(model, slots, 1, t + max_new_tokens + draft_length + 1, attention_mask)
+    state = new_state(model, slots, 1, t + max_new_tokens + max(draft_length, draft_width) + 1, attention_mask)
     stopper = StopChecker(1, eos_token_id, stop_strings, tokenizer, pad_token_id, input_ids.device)
 
     def emit(token: torch.Tensor) -> bool:
@@ -210,8 +252,16 @@ def speculative_stream(
             return
         no_drafts = torch.zeros(0, dtype=torch.long, device=input_ids.device)
         while True:
-            # --- draft: P, d1, ..., dk through layers 1..j; all but the last through the exit too.
             k_max = min(draft_length, max_new_tokens - stats.generated - 1)  # drafts past the budget are wasted
+            if draft_width > 1 and k_max >= 1:
+                toks, n, lag = _tree_round(model, state, pending, n, lag, j, draft_head, draft_width, draft_threshold, stats)
+                for tok in toks:
+                    yield tok
+                    if emit(tok):
+                        return
+                pending = toks[-1]
+                continue
+            # --- draft: P, d1, ..., dk through layers 1..j; all but the last through the exit too.
             token, hs, drafts, qs = pending, [], [], []
             last_has_exit = False
             for i in range(k_max + 1):
@@ -227,11 +277,14 @@ def speculative_stream(
                     span = make_span(model, state, n + i - lag.shape[1], h.shape[1], h)
                     lag = None
                 e = run_exit(model, state, span, h, j)[:, -1]  # (1, H)
-                q_logits = parts.lm_head(e)  # (1, V)
-                q = logits_to_probs(q_logits, cfg) if (cfg.do_sample or draft_threshold is not None) else None
-                if draft_threshold is not None and float(q.max()) < draft_threshold:
-                    last_has_exit = True  # the exit is unsure: stop here, keep what is drafted so far
-                    break
+                q_logits = draft_head(e)  # (1, V) or (1, draft_vocab)
+                q = logits_to_probs(q_logits, cfg) if cfg.do_sample else None
+                if draft_threshold is not None:
+                    # The exit's top-1 probability (greedy: at temperature 1), exp(max - logsumexp): one host sync.
+                    top1 = q.max() if q is not None else (q_logits.max() - torch.logsumexp(q_logits.float(), -1)).exp()
+                    if float(top1) < draft_threshold:
+                        last_has_exit = True  # the exit is unsure: stop here, keep what is drafted so far
+                        break
                 token = sample_from_probs(q, generator) if cfg.do_sample else q_logits.argmax(-1)  # (1,)
                 drafts.append(token)
                 qs.append(q)
@@ -244,6 +297,8 @@ def speculative_stream(
             p_logits = parts.lm_head(out)[0]  # (k + 1, V)
             p = logits_to_probs(p_logits, cfg) if cfg.do_sample else p_logits
             q_all = torch.cat(qs) if (cfg.do_sample and qs) else None
+            if q_all is not None and q_all.shape[-1] < p.shape[-1]:  # a draft vocabulary: no mass on the other ids
+                q_all = torch.nn.functional.pad(q_all, (0, p.shape[-1] - q_all.shape[-1]))
             a, nxt = accept_drafts(p, q_all, drafts_t, cfg, generator)
             stats.rounds += 1
             stats.drafted += k
@@ -260,6 +315,99 @@ def speculative_stream(
             pending = nxt
 
 
+def tree_span(model: BalconyModel, state, n: int, start: int, length: int, like: torch.Tensor) -> Span:
+    """A span over cache indices [start, start + length) where index n is the last committed token P and every
+    index after n is a candidate for position n + 1, attending to [0, n] and to itself only.
+
+    Args:
+        n: Cache index of P (the candidates' common parent).
+        start: First index written (n for a verify pass over [P, candidates], n + 1 for the candidates alone).
+        like: A (1, T, H) tensor of the hidden dtype/device (for the rotary embedding).
+    """
+    idx = state.arange[start : start + length]  # (T,) cache index of each query
+    k = state.arange[: start + length]  # (kv,)
+    own = k[None] == idx[:, None]  # (T, kv)
+    allowed = (k[None] <= n) | own
+    qpos = idx.clamp(max=n + 1)  # every candidate sits at position n + 1
+    position_ids = qpos[None] if state.pad is None else qpos[None] - state.pad[:, None]
+    masks = {}
+    for kind in set(model.parts.layer_types):
+        a = allowed
+        window = getattr(model.base.config, "sliding_window", None) if kind == "sliding_attention" else None
+        if window is not None:
+            a = a & ((k[None] > qpos[:, None] - window) | own)
+        if state.key_valid is not None:
+            a = ((a & state.key_valid[:, None, : k.shape[0]]) | own)[:, None]  # (B, 1, T, kv)
+        else:
+            a = a[None, None]
+        if state.attn == "eager":  # additive
+            dtype = model.parts.embed_tokens.weight.dtype
+            a = torch.zeros(a.shape, dtype=dtype, device=a.device).masked_fill(~a, torch.finfo(dtype).min)
+        masks[kind] = a
+    return Span(start, length, masks, position_ids, model.parts.rotary_emb(like, position_ids))
+
+
+def _tree_round(
+    model: BalconyModel,
+    state,
+    pending: torch.Tensor,
+    n: int,
+    lag: torch.Tensor | None,
+    j: int,
+    draft_head,
+    width: int,
+    threshold: float | None,
+    stats: SpeculativeStats,
+) -> tuple[list[torch.Tensor], int, torch.Tensor | None]:
+    """One greedy round drafting `width` candidates for one position; returns (tokens to emit, new n, new lag).
+
+    P (at cache index n) runs through layers 1..j and the exit (with any lagging positions); the exit's
+    top-`width` tokens run through layers 1..j side by side at indices n+1..n+width; then [P, candidates]
+    run through layers j+1..N in one pass. A candidate equal to the full model's token after P is
+    accepted, with the full model's token after it; its K/V move to index n + 1 in every slot.
+    """
+    parts, n_layers = model.parts, model.num_layers
+    x = parts.embed_tokens(pending[:, None])  # (1, 1, H)
+    span = make_span(model, state, n, 1, x)
+    hp = run_layers(model, state, span, x, 0, j)  # (1, 1, H) P after layer j
+    h = hp
+    if lag is not None:  # positions whose exit K/V are missing go first
+        h = torch.cat([lag, hp], 1)
+        span = make_span(model, state, n - lag.shape[1], h.shape[1], h)
+    q_logits = draft_head(run_exit(model, state, span, h, j)[:, -1])[0]  # (V,)
+    top = q_logits.topk(min(width, q_logits.shape[-1]))
+    go = threshold is None or float((top.values - torch.logsumexp(q_logits.float(), -1)).exp().sum()) >= threshold
+    stats.rounds += 1
+    if not go:  # the exit is unsure: an ordinary step for P through layers j+1..N
+        span = make_span(model, state, n, 1, hp)
+        out = run_exit(model, state, span, run_layers(model, state, span, hp, j, n_layers), n_layers)
+        return [parts.lm_head(out[:, -1]).argmax(-1)], n + 1, None
+    cands = top.indices  # (m,) distinct tokens
+    m = cands.shape[0]
+    xc = parts.embed_tokens(cands[None])  # (1, m, H)
+    hc = run_layers(model, state, tree_span(model, state, n, n + 1, m, xc), xc, 0, j)
+    hv = torch.cat([hp, hc], 1)  # (1, 1 + m, H)
+    span = tree_span(model, state, n, n, m + 1, hv)
+    out = run_exit(model, state, span, run_layers(model, state, span, hv, j, n_layers), n_layers)
+    target = parts.lm_head(out)[0].argmax(-1)  # (1 + m,): the full model's token after P, after each candidate
+    stats.drafted += 1
+    hit = (cands == target[0]).nonzero()
+    if not hit.numel():
+        state.cache.crop(n + 1)
+        return [target[:1]], n + 1, None
+    b = int(hit[0, 0])
+    stats.accepted += 1
+    cache = state.cache
+    if b:  # the accepted candidate's K/V to index n + 1, where the next round expects them
+        for s in cache.slots:
+            layer = cache.layers[s]
+            if layer.is_initialized and layer.filled > n + 1 + b:
+                layer.keys[:, :, n + 1] = layer.keys[:, :, n + 1 + b]
+                layer.values[:, :, n + 1] = layer.values[:, :, n + 1 + b]
+    cache.crop(n + 2)
+    return [cands[b : b + 1], target[b + 1 : b + 2]], n + 2, hc[:, b : b + 1]
+
+
 def speculative_generate(
     model: BalconyModel,
     input_ids: torch.Tensor,
@@ -268,6 +416,8 @@ def speculative_generate(
     exit: Exit = "S",
     draft_length: int = 4,
     draft_threshold: float | None = None,
+    draft_vocab: int | None = None,
+    draft_width: int = 1,
     max_new_tokens: int = 32,
     pad_token_id: int | None = None,
     eos_token_id: int | Sequence[int] | None = None,
@@ -286,6 +436,8 @@ def speculative_generate(
         exit: Draft budget (name or exit layer), below the full model.
         draft_length: Most tokens drafted per verify pass (>= 1).
         draft_threshold: Stop a draft early below this exit top-1 probability.
+        draft_vocab: Draft among the first token ids only (see `speculative_stream`).
+        draft_width: Candidates drafted for the next position (greedy, draft_length=1; see `speculative_stream`).
         max_new_tokens: Tokens to add at most.
         pad_token_id, eos_token_id: As in `balcony.engine.generate`.
         compile: Accepted for API symmetry; speculative decoding runs eagerly.
@@ -296,7 +448,7 @@ def speculative_generate(
         >>> stats.acceptance_rate, stats.mean_accepted_length  # doctest: +SKIP
     """
     check_inputs(input_ids, attention_mask, max_new_tokens)
-    j = _check(model, exit, draft_length, draft_threshold)
+    j = _check(model, exit, draft_length, draft_threshold, draft_vocab)
     stats = SpeculativeStats(j, draft_length)
     rows = []
     for b in range(input_ids.shape[0]):
@@ -306,8 +458,8 @@ def speculative_generate(
         row_stats = SpeculativeStats(j, draft_length)
         toks = list(
             speculative_stream(
-                model, ids, exit=j, draft_length=draft_length, draft_threshold=draft_threshold,
-                max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id, stats=row_stats, **kwargs,
+                model, ids, exit=j, draft_length=draft_length, draft_threshold=draft_threshold, draft_vocab=draft_vocab,
+                draft_width=draft_width, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id, stats=row_stats, **kwargs,
             )
         )
         stats.merge(row_stats)
