@@ -120,6 +120,15 @@ def test_quantize_model_swaps_layers_exits_and_a_tied_head():
         quantize_model(model, "int8")
 
 
+def test_a_quantized_model_refuses_to_save_its_exits(tmp_path):
+    model = make()
+    model.save_pretrained(tmp_path / "float")  # the float model saves
+    model.quantize("int8")
+    with pytest.raises(ValueError, match="quantized \\(int8\\).*before calling quantize"):
+        model.save_pretrained(tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4-32"])
 def test_quantized_generation_mostly_matches_float(mode):
     model = make(tie_word_embeddings=True)

@@ -533,6 +533,13 @@ class BalconyModel(nn.Module):
         """
         from safetensors.torch import save_file
 
+        from .quantize import is_quantized, quantization_of
+
+        if is_quantized(self):
+            raise ValueError(
+                f"this model is quantized ({quantization_of(self)}) for decoding; save the exits from the float model "
+                f"before calling quantize(), not the quantized copy, to {str(save_directory)!r}"
+            )
         os.makedirs(save_directory, exist_ok=True)
         # clone: exits may share a tensor (the Sorted baseline reads the base's own final norm)
         tensors = {k: v.detach().cpu().clone().contiguous() for k, v in self.exit_state_dict().items()}
