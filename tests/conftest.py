@@ -1,6 +1,6 @@
 import pytest
 import torch
-from tiny_models import tiny_hf_tokenizer
+from tiny_models import tiny_base, tiny_hf_tokenizer
 
 
 @pytest.fixture
@@ -10,6 +10,15 @@ def tiny_tokenizer_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tok")
     tok.save_pretrained(d)
     return d, len(tok)
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tiny_tokenizer_dir):
+    """A directory holding a tiny random Llama base and its tokenizer, loadable by name (CLI tests)."""
+    d = tmp_path / "base"
+    tiny_base(vocab_size=tiny_tokenizer_dir[1]).save_pretrained(d)
+    tiny_hf_tokenizer().save_pretrained(d)
+    return d
 
 
 # Chat template in the ChatML style SmolLM2 uses, enough to see that messages go through it.

@@ -283,17 +283,12 @@ def test_bench_runs_on_a_tiny_model(tmp_path):
     plot(result, tmp_path / "bench.png")
 
 
-def test_bench_command_writes_json_and_chart(tmp_path, tiny_tokenizer_dir, capsys):
+def test_bench_command_writes_json_and_chart(tmp_path, tiny_model_dir, capsys):
     import json
-    import shutil
 
     from balcony.cli import main
 
-    base = tiny_base(vocab_size=tiny_tokenizer_dir[1])
-    base.save_pretrained(tmp_path / "base")
-    for f in tiny_tokenizer_dir[0].iterdir():
-        shutil.copy(f, tmp_path / "base" / f.name)
-    args = ["bench", "--model", str(tmp_path / "base"), "--exit-layers", "2,4", "--max-new-tokens", "3", "--prompt-tokens", "4"]
+    args = ["bench", "--model", str(tiny_model_dir), "--exit-layers", "2,4", "--max-new-tokens", "3", "--prompt-tokens", "4"]
     assert main(args + ["--repeats", "1", "--batch-size", "2", "--no-hf", "--out", str(tmp_path / "out")]) == 0
     result = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert [r["exit_layer"] for r in result["budgets"]] == [2, 4, 6] and result["exits_trained"] is False

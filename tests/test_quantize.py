@@ -184,20 +184,14 @@ def test_bench_reports_the_quantized_model(tmp_path):
     assert "weight-only int8" in table and "HF generate, int8 (same modules)" in table and "KL(float || int8)" in table
 
 
-def test_cli_quantize_flag(tmp_path, tiny_tokenizer_dir, capsys):
-    import shutil
-
+def test_cli_quantize_flag(tmp_path, tiny_model_dir, capsys):
     from balcony.cli import main
 
-    base = tiny_base(vocab_size=tiny_tokenizer_dir[1])
-    base.save_pretrained(tmp_path / "base")
-    for f in tiny_tokenizer_dir[0].iterdir():
-        shutil.copy(f, tmp_path / "base" / f.name)
-    args = ["generate", "hello world", "--model", str(tmp_path / "base"), "--max-new-tokens", "4", "--no-chat"]
+    args = ["generate", "hello world", "--model", str(tiny_model_dir), "--max-new-tokens", "4", "--no-chat"]
     assert main(args + ["--quantize", "int8"]) == 0
     assert "budget XL" in capsys.readouterr().err
     assert main(args + ["--quantize", "int3"]) == 2
     assert "quantize='int3' is not a quantization mode" in capsys.readouterr().err
-    bench = ["bench", "--model", str(tmp_path / "base"), "--exit-layers", "2,4", "--max-new-tokens", "3", "--prompt-tokens", "4"]
+    bench = ["bench", "--model", str(tiny_model_dir), "--exit-layers", "2,4", "--max-new-tokens", "3", "--prompt-tokens", "4"]
     assert main(bench + ["--repeats", "1", "--no-hf", "--no-speculative", "--quantize", "int3", "--out", str(tmp_path / "o")]) == 2
     assert "quantize='int3'" in capsys.readouterr().err

@@ -285,16 +285,10 @@ def test_stats_dict():
     assert d["acceptance_rate"] == 0.5 and d["mean_accepted_length"] == 3.0 and d["draft_exit"] == 2
 
 
-def test_cli_generate_speculative(tmp_path, tiny_tokenizer_dir, capsys):
-    import shutil
-
+def test_cli_generate_speculative(tmp_path, tiny_model_dir, capsys):
     from balcony.cli import main
 
-    base = tiny_base(vocab_size=tiny_tokenizer_dir[1])
-    base.save_pretrained(tmp_path / "base")
-    for f in tiny_tokenizer_dir[0].iterdir():
-        shutil.copy(f, tmp_path / "base" / f.name)
-    args = ["generate", "hello world", "--model", str(tmp_path / "base"), "--max-new-tokens", "6", "--no-chat"]
+    args = ["generate", "hello world", "--model", str(tiny_model_dir), "--max-new-tokens", "6", "--no-chat"]
     assert main(args + ["--budget", "S", "--speculative", "--draft-length", "3"]) == 0
     err = capsys.readouterr().err
     assert "speculative: draft budget S (layers 1-3 + exit), verify layers 4-6" in err and "tokens per verify pass" in err
