@@ -63,8 +63,10 @@ def base_state(model_dir: Path) -> dict[str, torch.Tensor]:
         {"loss": "ce"},
         {"loss": "jsd", "temperature": 2.0},
         {"cache_features": True, "warmup_loss": "logit_mse", "warmup_fraction": 0.5},
+        {"cache_features": True, "warm_start": "lstsq"},
+        {"exit_kind": "mlp", "warm_start": "lstsq"},
     ],
-    ids=["decoder", "mlp", "attention-random", "identity-klce", "ce", "jsd-T2", "cached-mse-warmup"],
+    ids=["decoder", "mlp", "attention-random", "identity-klce", "ce", "jsd-T2", "cached-mse-warmup", "cached-lstsq", "mlp-lstsq-uncached"],
 )
 def test_every_exit_parameter_changes_and_base_is_bitwise_unchanged(tiny_setup, tmp_path, kw):
     before = BalconyModel(tiny_base(vocab_size=54), training.BalconyConfig(exit_layers=[2, 4], **{k: v for k, v in kw.items() if k in ("exit_kind", "init")}))
@@ -133,7 +135,7 @@ def test_checkpointed_exits_give_the_same_gradients(tiny_setup):
 
 
 def test_kill_and_resume_gives_the_same_exits(tiny_setup, tmp_path, monkeypatch):
-    for kw in ({}, {"cache_features": True, "warmup_loss": "logit_mse", "warmup_fraction": 0.3}):
+    for kw in ({}, {"cache_features": True, "warmup_loss": "logit_mse", "warmup_fraction": 0.3, "warm_start": "lstsq"}):
         full, killed = tmp_path / f"full{len(kw)}", tmp_path / f"killed{len(kw)}"
         train(cfg(tiny_setup, full, max_steps=10, **kw))
         real = training.DistillObjective.forward
@@ -201,6 +203,10 @@ def test_config_validation_names_values():
         TrainConfig.from_dict({"lrr": 1.0})
     with pytest.raises(ValueError, match="cache_features needs a frozen base"):
         TrainConfig(recipe="sorted", cache_features=True)
+    with pytest.raises(ValueError, match="warm_start='lstsq' fits a decoder or MLP exit on a frozen base, not exit_kind='attention'"):
+        TrainConfig(warm_start="lstsq", exit_kind="attention")
+    with pytest.raises(ValueError, match="warm_start='ols' is not one of"):
+        TrainConfig(warm_start="ols")
     assert parse_overrides(["lr=1e-4", "exit_layers=[4, 8]"]) == {"lr": 1e-4, "exit_layers": [4, 8]}
 
 
@@ -239,7 +245,8 @@ def test_two_process_accelerate_launch(tiny_setup, tmp_path):
     script.write_text(
         "from balcony.training import TrainConfig, train\n"
         f"train(TrainConfig(model={str(tiny_setup / 'base')!r}, dataset={str(tiny_setup / 'corpus.txt')!r}, exit_layers=[2, 4],"
-        f" seq_len=32, batch_size=2, max_steps=4, output_dir={str(out)!r}, eval_tokens=128, save_every=2, progress=False))\n"
+        f" seq_len=32, batch_size=2, max_steps=4, output_dir={str(out)!r}, eval_tokens=128, save_every=2, progress=False,"
+        " cache_features=True, warm_start='lstsq'))\n"
     )
     env = {**os.environ, "BALCONY_CACHE": str(tmp_path / "cache2"), "OMP_NUM_THREADS": "1"}
     # On CPU, Accelerate's torchrun path (--multi_gpu) starts the processes; training then uses gloo.
@@ -256,3 +263,4 @@ def test_two_process_accelerate_launch(tiny_setup, tmp_path):
     log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
     done = [r for r in log if r.get("event") == "done"][0]
     assert done["tokens"] == 4 * 2 * 32 * 2  # both processes' tokens count
+    assert [r for r in log if r.get("event") == "warm_start"]  # fitted on rank 0, broadcast to rank 1

@@ -5,12 +5,14 @@ hidden state at every exit; each exit's loss flows only into its own module. The
 LM head is applied inside the loss a chunk of tokens at a time, so no
 (batch x seq x vocab) tensor is held for all exits.
 
-Two things make training cheap per token on a small machine, both optional:
+Three things make training cheap per token on a small machine, all optional:
 - ``cache_features``: run the frozen pass once and reuse it every epoch
   (`balcony.features`), so later epochs do exit-only work;
 - ``warmup_loss="logit_mse"``: a first phase that matches the exits' centred
   logits through the head's Gram matrix (H^2 per token instead of V x H), before
-  the KL phase refines the full distribution.
+  the KL phase refines the full distribution;
+- ``warm_start="lstsq"``: before step 0, fit each exit's MLP output projection in
+  closed form so the exit starts near the final hidden state (`balcony.warmstart`).
 The paper's recipe (KL only, no caching) stays available as ``recipe: paper``.
 """
 
@@ -74,6 +76,10 @@ class TrainConfig:
         temperature: Distillation temperature.
         warmup_loss: None or logit_mse (head-free first phase).
         warmup_fraction: Share of the optimizer steps spent in the warm-up loss phase.
+        warm_start: None or lstsq: before the first step, fit each exit's MLP output projection
+            in closed form to the final hidden state (`balcony.warmstart`), on up to
+            `warm_start_tokens` cached tokens.
+        warm_start_tokens: Tokens the lstsq fit reads.
         cache_features: Run the frozen pass once and reuse it across epochs.
         feature_dtype: float16 | float32 storage of cached features.
         epochs: Passes over the training rows (fractions allowed).
@@ -123,6 +129,8 @@ class TrainConfig:
     temperature: float = 1.0
     warmup_loss: str | None = None
     warmup_fraction: float = 0.0
+    warm_start: str | None = None
+    warm_start_tokens: int = 65536
     cache_features: bool = False
     feature_dtype: str = "float16"
     epochs: float = 1.0
@@ -156,8 +164,9 @@ class TrainConfig:
         one_of("loss", LOSSES)
         one_of("precision", PRECISIONS)
         one_of("warmup_loss", WARMUP_LOSSES)
+        one_of("warm_start", (None, "lstsq"))
         one_of("feature_dtype", ("float16", "float32", "bfloat16"))
-        for name in ("seq_len", "batch_size", "grad_accum", "chunk_size", "corpus_tokens", "log_every", "keep_checkpoints"):
+        for name in ("seq_len", "batch_size", "grad_accum", "chunk_size", "corpus_tokens", "log_every", "keep_checkpoints", "warm_start_tokens"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} must be a positive integer")
@@ -179,6 +188,8 @@ class TrainConfig:
             raise ValueError(f"warmup_loss={self.warmup_loss!r} needs warmup_fraction > 0")
         if self.warmup_loss and self.recipe != "balcony":
             raise ValueError(f"warmup_loss={self.warmup_loss!r} works with the frozen-base recipe only, not recipe={self.recipe!r}")
+        if self.warm_start and (self.recipe != "balcony" or self.exit_kind not in ("decoder", "mlp")):
+            raise ValueError(f"warm_start={self.warm_start!r} fits a decoder or MLP exit on a frozen base, not exit_kind={self.exit_kind!r} with recipe={self.recipe!r}")
         if self.cache_features and self.recipe != "balcony":
             raise ValueError(f"cache_features needs a frozen base (recipe 'balcony'), not recipe={self.recipe!r}")
         if self.loss == "kl+ce" and not self.ce_weight > 0:
@@ -582,6 +593,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.cache_features:
         features = build_feature_cache(model, train_rows, batch_size=cfg.batch_size, dtype=getattr(torch, cfg.feature_dtype), progress=cfg.progress and main)
     compute_dtype = next(model.base.parameters()).dtype
+    if cfg.warm_start and state["step"] == 0:
+        _lstsq_warm_start(model, cfg, features, train_rows, objective_exits(objective), accelerator, logger)
 
     bar = None
     if cfg.progress and main:
@@ -666,6 +679,29 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 def objective_exits(objective) -> list[int]:
     return getattr(objective, "module", objective).exits
+
+
+def _lstsq_warm_start(model: BalconyModel, cfg: TrainConfig, features: FeatureCache | None, rows: PackedData, exits: list[int],
+                      accelerator, logger: "RunLogger") -> None:
+    """The closed-form warm start before step 0; every process ends with rank 0's fit."""
+    from accelerate.utils import broadcast
+
+    from .warmstart import lstsq_warm_start
+
+    if features is None:  # a small frozen pass just for the fit
+        keep = max(1, min(len(rows), cfg.warm_start_tokens // cfg.seq_len))
+        features = build_feature_cache(model, rows._rows(slice(0, keep)), batch_size=cfg.batch_size,
+                                       dtype=getattr(torch, cfg.feature_dtype), progress=False)
+    t = time.perf_counter()
+    r2 = lstsq_warm_start(model, features, exits, max_tokens=cfg.warm_start_tokens, batch_size=cfg.batch_size)
+    if accelerator.num_processes > 1:
+        for j in exits:
+            w = model.exits[str(j)].layer.get_submodule("mlp.down_proj").weight
+            w.data.copy_(broadcast(w.data.contiguous(), from_process=0))
+    if accelerator.is_main_process:
+        logger.log({"step": 0, "event": "warm_start", "seconds": time.perf_counter() - t, **{f"r2/{j}": v for j, v in r2.items()}})
+        if cfg.progress:
+            print("[balcony] lstsq warm start, R² per exit: " + ", ".join(f"{j}: {v:.3f}" for j, v in r2.items()))
 
 
 def _with_rows(rows: PackedData, cfg: TrainConfig, state: dict):

@@ -1,0 +1,127 @@
+"""Which training levers help an exit most per step: one frozen pass, every recipe side by side.
+
+    python benchmarks/recipe_ablation.py                       # exit 14 of the embedded model, 200k tokens
+    python benchmarks/recipe_ablation.py --exit 20 --tokens 100000 --variants paper,lstsq-kl-2e-3
+    python benchmarks/recipe_ablation.py --tokens 16384 --eval-tokens 2048   # a quick look
+
+The frozen pass over the training tokens is cached once and every variant starts
+from the same exit init, trains the same number of steps on the same rows, and is
+scored on the same held-out rows (KL(full || exit) and top-1 agreement). Variants:
+
+- ``paper``: KL from the start, last-layer init, lr 5e-4 (the paper's recipe);
+- ``mse-5e-4`` / ``mse-2e-3``: logit-MSE warm-up for 28% of the steps, then KL;
+- ``lstsq-kl-<lr>``: closed-form warm start (`balcony.warmstart`), then KL;
+- ``lstsq-only``: the warm start alone, no steps;
+- ``identity-kl-2e-3``: identity init (output projections zeroed), then KL.
+
+Prints one JSON line per variant and a table at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+
+VARIANTS = {
+    "paper": dict(lr=5e-4),
+    "mse-5e-4": dict(lr=5e-4, warmup=0.28),
+    "mse-2e-3": dict(lr=2e-3, warmup=0.28),
+    "lstsq-only": dict(init="lstsq", steps=0),
+    "lstsq-kl-1e-3": dict(init="lstsq", lr=1e-3),
+    "lstsq-kl-2e-3": dict(init="lstsq", lr=2e-3),
+    "lstsq-kl-4e-3": dict(init="lstsq", lr=4e-3),
+    "identity-kl-2e-3": dict(init="identity", lr=2e-3),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--dataset", default=None, help="training text (default: the generated default corpus)")
+    ap.add_argument("--exit", type=int, default=14)
+    ap.add_argument("--tokens", type=int, default=200_000, help="training tokens (one epoch)")
+    ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--variants", default="paper,mse-5e-4,mse-2e-3,lstsq-only,lstsq-kl-2e-3,lstsq-kl-4e-3",
+                    help=f"comma-separated, from {sorted(VARIANTS)}")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    names = args.variants.split(",")
+    for n in names:
+        if n not in VARIANTS:
+            raise SystemExit(f"unknown variant {n!r}; choose from {sorted(VARIANTS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from transformers import get_cosine_schedule_with_warmup
+
+    from balcony.data import epoch_order
+    from balcony.features import build_feature_cache
+    from balcony.metrics import distill_metrics
+    from balcony.training import DistillObjective, TrainConfig, build_training_model, load_training_data
+    from balcony.warmstart import lstsq_warm_start
+
+    base_cfg = dict(model=args.model, dataset=args.dataset, exit_layers=[args.exit], seq_len=args.seq_len, batch_size=args.batch_size,
+                    eval_tokens=args.eval_tokens, corpus_tokens=max(args.tokens + args.eval_tokens, 300_000), progress=False)
+    cfg = TrainConfig(**base_cfg)
+    model, tok = build_training_model(cfg)
+    train_rows, eval_rows = load_training_data(cfg, tok, model)
+    rows = min(len(train_rows), max(args.batch_size, args.tokens // args.seq_len))
+    train_rows = train_rows._rows(slice(0, rows))
+    t0 = time.perf_counter()
+    feats = build_feature_cache(model, train_rows, batch_size=args.batch_size, progress=True)
+    print(f"frozen pass over {rows * args.seq_len:,} tokens cached in {time.perf_counter() - t0:.0f} s", flush=True)
+    eval_batches = [eval_rows[slice(s, s + args.batch_size)] for s in range(0, len(eval_rows), args.batch_size)]
+    exit = model.exits[str(args.exit)]
+    init_state = {k: v.clone() for k, v in exit.state_dict().items()}
+    steps_per_epoch = rows // args.batch_size
+
+    results = []
+    for name in names:
+        v = VARIANTS[name]
+        exit.load_state_dict(init_state)
+        if v.get("init") == "identity":
+            with torch.no_grad():
+                for proj in model.parts.family.residual_out:
+                    exit.layer.get_submodule(proj).weight.zero_()
+        t0 = time.perf_counter()
+        if v.get("init") == "lstsq":
+            lstsq_warm_start(model, feats, [args.exit], batch_size=args.batch_size)
+        lr = v.get("lr", 5e-4)
+        objective = DistillObjective(model, TrainConfig(**base_cfg, lr=lr))
+        params = [p for p in exit.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95))
+        total = v.get("steps", steps_per_epoch)
+        sched = get_cosine_schedule_with_warmup(opt, int(0.05 * total), max(total, 1))
+        warm = int(v.get("warmup", 0.0) * total)
+        model.train()
+        order = epoch_order(rows, seed=0, epoch=0)
+        for step in range(total):
+            idx = order[step * args.batch_size:(step + 1) * args.batch_size]
+            loss, _ = objective(feats.batch(idx, torch.float32), phase="warmup" if step < warm else "main")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        secs = time.perf_counter() - t0
+        model.eval()
+        m = distill_metrics(model, eval_batches, exits=[args.exit])[args.exit]
+        row = {"variant": name, "exit": args.exit, "steps": total, "tokens": total * args.batch_size * args.seq_len, "seconds": round(secs, 1),
+               "kl": round(m["kl"], 3), "agreement": round(m["agreement"], 4)}
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
+    print(f"\nexit {args.exit}, {steps_per_epoch} steps of {args.batch_size}x{args.seq_len} tokens, held-out {len(eval_rows) * args.seq_len:,} tokens")
+    print(f"{'variant':<18} {'steps':>5} {'seconds':>8} {'KL':>7} {'agree':>7}")
+    for r in results:
+        print(f"{r['variant']:<18} {r['steps']:>5} {r['seconds']:>8.0f} {r['kl']:>7.3f} {100 * r['agreement']:>6.1f}%")
+
+
+if __name__ == "__main__":
+    main()
