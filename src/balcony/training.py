@@ -686,7 +686,7 @@ def _lstsq_warm_start(model: BalconyModel, cfg: TrainConfig, features: FeatureCa
     """The closed-form warm start before step 0; every process ends with rank 0's fit."""
     from accelerate.utils import broadcast
 
-    from .warmstart import lstsq_warm_start
+    from .warmstart import MLP_OUT, lstsq_warm_start
 
     if features is None:  # a small frozen pass just for the fit
         keep = max(1, min(len(rows), cfg.warm_start_tokens // cfg.seq_len))
@@ -696,7 +696,7 @@ def _lstsq_warm_start(model: BalconyModel, cfg: TrainConfig, features: FeatureCa
     r2 = lstsq_warm_start(model, features, exits, max_tokens=cfg.warm_start_tokens, batch_size=cfg.batch_size)
     if accelerator.num_processes > 1:
         for j in exits:
-            w = model.exits[str(j)].layer.get_submodule("mlp.down_proj").weight
+            w = model.exits[str(j)].layer.get_submodule(MLP_OUT).weight
             w.data.copy_(broadcast(w.data.contiguous(), from_process=0))
     if accelerator.is_main_process:
         logger.log({"step": 0, "event": "warm_start", "seconds": time.perf_counter() - t, **{f"r2/{j}": v for j, v in r2.items()}})
