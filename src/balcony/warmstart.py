@@ -73,13 +73,12 @@ def lstsq_warm_start(
                 raise ValueError(f"exit {j}: {MLP_OUT} has a bias; the lstsq warm start supports bias-free projections")
             got: dict[str, torch.Tensor] = {}
             hooks = [
-                proj.register_forward_hook(lambda m, inp, out: got.__setitem__("a", inp[0])),
+                proj.register_forward_hook(lambda m, inp, out: got.update(a=inp[0], mlp=out)),
                 exit.norm.register_forward_pre_hook(lambda m, inp: got.__setitem__("o", inp[0])),
             ]
-            w0 = proj.weight.detach().double()
-            feat = w0.shape[1]
+            feat = proj.in_features
             ata = torch.zeros(feat, feat, dtype=torch.float64, device=device)
-            aty = torch.zeros(feat, w0.shape[0], dtype=torch.float64, device=device)
+            aty = torch.zeros(feat, proj.out_features, dtype=torch.float64, device=device)
             yty = torch.zeros((), dtype=torch.float64, device=device)
             try:
                 for s in range(0, rows, batch_size):
@@ -88,7 +87,7 @@ def lstsq_warm_start(
                     mask = batch.get("attention_mask")
                     model.run_exits({j: batch["taps"][j].to(device)}, None if mask is None else mask.to(device), batch["position_ids"].to(device))
                     a = got["a"].double().flatten(0, 1)
-                    r = got["o"].double().flatten(0, 1) - a @ w0.T
+                    r = (got["o"] - got["mlp"]).double().flatten(0, 1)  # the layer output without the MLP's share
                     u = batch["teacher"].to(device).double().flatten(0, 1) / final_gain
                     y = u * r.pow(2).mean(-1, keepdim=True).sqrt() - r
                     if mask is not None:
