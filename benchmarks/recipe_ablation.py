@@ -12,7 +12,11 @@ scored on the same held-out rows (KL(full || exit) and top-1 agreement). Variant
 - ``mse-5e-4`` / ``mse-2e-3``: logit-MSE warm-up for 28% of the steps, then KL;
 - ``lstsq-kl-<lr>``: closed-form warm start (`balcony.warmstart`), then KL;
 - ``lstsq-only``: the warm start alone, no steps;
-- ``identity-kl-2e-3``: identity init (output projections zeroed), then KL.
+- ``identity-kl-2e-3``: identity init (output projections zeroed), then KL;
+- ``lstsq-kl-2e-3-v8192``: as ``lstsq-kl-2e-3`` with the loss over the 8192 vocabulary
+  entries that carry the most teacher mass (``loss_vocab``), the same steps;
+  ``lstsq-kl-2e-3-v8192-x4``: the same over 4 epochs (about the wall time of one
+  full-vocabulary epoch).
 
 Prints one JSON line per variant and a table at the end.
 """
@@ -35,6 +39,8 @@ VARIANTS = {
     "lstsq-kl-2e-3": dict(init="lstsq", lr=2e-3),
     "lstsq-kl-4e-3": dict(init="lstsq", lr=4e-3),
     "identity-kl-2e-3": dict(init="identity", lr=2e-3),
+    "lstsq-kl-2e-3-v8192": dict(init="lstsq", lr=2e-3, vocab=8192),
+    "lstsq-kl-2e-3-v8192-x4": dict(init="lstsq", lr=2e-3, vocab=8192, epochs=4),
 }
 
 
@@ -62,6 +68,7 @@ def main() -> None:
 
     from balcony.data import epoch_order
     from balcony.features import build_feature_cache
+    from balcony.losses import teacher_vocab
     from balcony.metrics import distill_metrics
     from balcony.training import DistillObjective, TrainConfig, build_training_model, load_training_data
     from balcony.warmstart import lstsq_warm_start
@@ -94,15 +101,19 @@ def main() -> None:
             lstsq_warm_start(model, feats, [args.exit], batch_size=args.batch_size)
         lr = v.get("lr", 5e-4)
         objective = DistillObjective(model, TrainConfig(**base_cfg, lr=lr))
+        if v.get("vocab"):
+            head_w = model.parts.lm_head.weight
+            idx, _ = teacher_vocab(head_w, feats.teacher[: max(1, 65536 // args.seq_len)], v["vocab"])
+            objective.set_loss_vocab(idx)
         params = [p for p in exit.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95))
-        total = v.get("steps", steps_per_epoch)
+        total = v.get("steps", int(steps_per_epoch * v.get("epochs", 1)))
         sched = get_cosine_schedule_with_warmup(opt, int(0.05 * total), max(total, 1))
         warm = int(v.get("warmup", 0.0) * total)
         model.train()
-        order = epoch_order(rows, seed=0, epoch=0)
         for step in range(total):
-            idx = order[step * args.batch_size:(step + 1) * args.batch_size]
+            epoch, k = divmod(step, steps_per_epoch)
+            idx = epoch_order(rows, seed=0, epoch=epoch)[k * args.batch_size:(k + 1) * args.batch_size]
             loss, _ = objective(feats.batch(idx, torch.float32), phase="warmup" if step < warm else "main")
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

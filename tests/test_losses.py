@@ -320,3 +320,21 @@ def test_hand_written_kl_gradient_equals_autograd(temperature, ce_weight):
     assert torch.allclose(fast, ref, atol=1e-12) and torch.allclose(per_fast, per_ref, atol=1e-6)
     for g, x in zip(grads, s):
         assert torch.allclose(g, x.grad, atol=1e-12)
+
+
+def test_teacher_vocab_keeps_the_entries_with_most_teacher_mass():
+    from balcony.losses import teacher_vocab
+
+    torch.manual_seed(0)
+    w = torch.randn(30, 8, dtype=torch.float64)
+    h = torch.randn(5, 7, 8, dtype=torch.float64)
+    mask = torch.rand(5, 7) > 0.3
+    idx, cov = teacher_vocab(w, h, 6, mask=mask, chunk_size=4)
+    mass = torch.softmax(h[mask] @ w.T, -1).sum(0)
+    assert idx.tolist() == sorted(mass.topk(6).indices.tolist())
+    assert cov == pytest.approx(float(mass[idx].sum() / mass.sum()))
+    assert teacher_vocab(w, h, 30)[1] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="k=31 must be an integer in \\[1, 30\\]"):
+        teacher_vocab(w, h, 31)
+    with pytest.raises(ValueError, match="at least one counted token"):
+        teacher_vocab(w, h, 3, mask=torch.zeros(5, 7, dtype=torch.bool))

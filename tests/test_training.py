@@ -65,8 +65,11 @@ def base_state(model_dir: Path) -> dict[str, torch.Tensor]:
         {"cache_features": True, "warmup_loss": "logit_mse", "warmup_fraction": 0.5},
         {"cache_features": True, "warm_start": "lstsq"},
         {"exit_kind": "mlp", "warm_start": "lstsq"},
+        {"cache_features": True, "warm_start": "lstsq", "loss_vocab": 20},
+        {"loss_vocab": 16, "loss": "reverse_kl"},
     ],
-    ids=["decoder", "mlp", "attention-random", "identity-klce", "ce", "jsd-T2", "cached-mse-warmup", "cached-lstsq", "mlp-lstsq-uncached"],
+    ids=["decoder", "mlp", "attention-random", "identity-klce", "ce", "jsd-T2", "cached-mse-warmup", "cached-lstsq", "mlp-lstsq-uncached",
+         "cached-lstsq-loss-vocab", "loss-vocab-uncached"],
 )
 def test_every_exit_parameter_changes_and_base_is_bitwise_unchanged(tiny_setup, tmp_path, kw):
     before = BalconyModel(tiny_base(vocab_size=54), training.BalconyConfig(exit_layers=[2, 4], **{k: v for k, v in kw.items() if k in ("exit_kind", "init")}))
@@ -135,7 +138,7 @@ def test_checkpointed_exits_give_the_same_gradients(tiny_setup):
 
 
 def test_kill_and_resume_gives_the_same_exits(tiny_setup, tmp_path, monkeypatch):
-    for kw in ({}, {"cache_features": True, "warmup_loss": "logit_mse", "warmup_fraction": 0.3, "warm_start": "lstsq"}):
+    for kw in ({}, {"cache_features": True, "warmup_loss": "logit_mse", "warmup_fraction": 0.3, "warm_start": "lstsq", "loss_vocab": 20}):
         full, killed = tmp_path / f"full{len(kw)}", tmp_path / f"killed{len(kw)}"
         train(cfg(tiny_setup, full, max_steps=10, **kw))
         real = training.DistillObjective.forward
@@ -194,6 +197,46 @@ def test_bad_input_is_named_and_nothing_is_overwritten(tiny_setup, tmp_path):
     assert not (out / "balcony_exits.safetensors").exists()
 
 
+def test_loss_vocab_restricts_the_loss_and_is_kept_across_a_resume(tiny_setup, tmp_path):
+    import json
+
+    from balcony import BalconyConfig
+    from balcony.losses import multi_exit_distill_loss, teacher_vocab
+    from balcony.training import DistillObjective
+
+    # The objective with a loss vocabulary equals the loss through a head cut to those rows.
+    torch.manual_seed(0)
+    model = BalconyModel(tiny_base(vocab_size=54), BalconyConfig(exit_layers=[2, 4]))
+    objective = DistillObjective(model, TrainConfig(exit_layers=[2, 4]))
+    batch = {"input_ids": torch.randint(0, 54, (2, 12))}
+    full, _ = objective(batch)
+    keep = torch.tensor([1, 5, 7, 30, 41])
+    objective.set_loss_vocab(keep)
+    cut, per = objective(batch)
+    out = model.distill_forward(batch["input_ids"], None, None, exits=[2, 4])
+    sub = torch.nn.Linear(model.parts.lm_head.weight.shape[1], 5, bias=False)
+    sub.weight.data = model.parts.lm_head.weight.detach()[keep]
+    ref, _ = multi_exit_distill_loss([out.exit_hidden[2], out.exit_hidden[4]], out.teacher_hidden, sub)
+    torch.testing.assert_close(cut, ref)
+    assert not torch.allclose(cut, full)
+    objective.set_loss_vocab(None)
+    torch.testing.assert_close(objective(batch)[0], full)
+
+    # The run picks the entries with the most teacher mass, logs them, and a resume reuses the saved choice.
+    run = tmp_path / "run"
+    train(cfg(tiny_setup, run, max_steps=4, cache_features=True, loss_vocab=12))
+    log = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()]
+    event = [r for r in log if r.get("event") == "loss_vocab"][0]
+    assert event["entries"] == 12 and 12 / 54 < event["coverage"] <= 1.0
+    saved = json.loads((run / "checkpoint-3" / "trainer_state.json").read_text())["loss_vocab"]
+    assert len(saved) == 12 and saved == sorted(saved)
+    # A loss vocabulary at least as large as the model's (a shipped config on a small model) keeps every entry.
+    big = train(cfg(tiny_setup, tmp_path / "big", max_steps=2, loss_vocab=99))
+    whole = train(cfg(tiny_setup, tmp_path / "whole", max_steps=2))
+    a, b = exit_weights(tmp_path / "big"), exit_weights(tmp_path / "whole")
+    assert all(torch.equal(a[k], b[k]) for k in a) and big.after[2] == whole.after[2]
+
+
 def test_config_validation_names_values():
     with pytest.raises(ValueError, match="recipe='magic' is not one of"):
         TrainConfig(recipe="magic")
@@ -205,6 +248,12 @@ def test_config_validation_names_values():
         TrainConfig(recipe="sorted", cache_features=True)
     with pytest.raises(ValueError, match="warm_start='lstsq' fits a decoder or MLP exit on a frozen base, not exit_kind='attention'"):
         TrainConfig(warm_start="lstsq", exit_kind="attention")
+    with pytest.raises(ValueError, match="loss_vocab=0 must be a positive integer"):
+        TrainConfig(loss_vocab=0)
+    with pytest.raises(ValueError, match="loss_vocab=64 needs a frozen base and a pure distillation loss .* loss='kl\\+ce'"):
+        TrainConfig(loss_vocab=64, loss="kl+ce")
+    with pytest.raises(ValueError, match="loss_vocab=64 needs a frozen base .* recipe='sorted'"):
+        TrainConfig(loss_vocab=64, recipe="sorted")
     with pytest.raises(ValueError, match="warm_start='ols' is not one of"):
         TrainConfig(warm_start="ols")
     assert parse_overrides(["lr=1e-4", "exit_layers=[4, 8]"]) == {"lr": 1e-4, "exit_layers": [4, 8]}

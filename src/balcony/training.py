@@ -80,6 +80,12 @@ class TrainConfig:
             in closed form to the final hidden state (`balcony.warmstart`), on up to
             `warm_start_tokens` cached tokens.
         warm_start_tokens: Tokens the lstsq fit reads.
+        loss_vocab: None (the whole vocabulary) or k: distil over the k vocabulary entries that
+            carry the most teacher probability on the first `loss_vocab_tokens` training tokens,
+            the teacher renormalised over them (`balcony.losses.teacher_vocab`). The head's
+            products shrink V/k times; the exits are still evaluated and used with the full head.
+            A k at or above the model's vocabulary size distils over the whole vocabulary.
+        loss_vocab_tokens: Tokens the loss vocabulary is chosen on.
         cache_features: Run the frozen pass once and reuse it across epochs.
         feature_dtype: float16 | float32 storage of cached features.
         epochs: Passes over the training rows (fractions allowed).
@@ -131,6 +137,8 @@ class TrainConfig:
     warmup_fraction: float = 0.0
     warm_start: str | None = None
     warm_start_tokens: int = 65536
+    loss_vocab: int | None = None
+    loss_vocab_tokens: int = 65536
     cache_features: bool = False
     feature_dtype: str = "float16"
     epochs: float = 1.0
@@ -166,7 +174,8 @@ class TrainConfig:
         one_of("warmup_loss", WARMUP_LOSSES)
         one_of("warm_start", (None, "lstsq"))
         one_of("feature_dtype", ("float16", "float32", "bfloat16"))
-        for name in ("seq_len", "batch_size", "grad_accum", "chunk_size", "corpus_tokens", "log_every", "keep_checkpoints", "warm_start_tokens"):
+        for name in ("seq_len", "batch_size", "grad_accum", "chunk_size", "corpus_tokens", "log_every", "keep_checkpoints", "warm_start_tokens",
+                     "loss_vocab_tokens"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} must be a positive integer")
@@ -190,6 +199,12 @@ class TrainConfig:
             raise ValueError(f"warmup_loss={self.warmup_loss!r} works with the frozen-base recipe only, not recipe={self.recipe!r}")
         if self.warm_start and (self.recipe != "balcony" or self.exit_kind not in ("decoder", "mlp")):
             raise ValueError(f"warm_start={self.warm_start!r} fits a decoder or MLP exit on a frozen base, not exit_kind={self.exit_kind!r} with recipe={self.recipe!r}")
+        if self.loss_vocab is not None:
+            if isinstance(self.loss_vocab, bool) or not isinstance(self.loss_vocab, int) or self.loss_vocab < 1:
+                raise ValueError(f"loss_vocab={self.loss_vocab!r} must be a positive integer (entries of the vocabulary) or null")
+            if self.recipe != "balcony" or self.loss not in ("kl", "reverse_kl", "jsd"):
+                raise ValueError(f"loss_vocab={self.loss_vocab} needs a frozen base and a pure distillation loss (kl, reverse_kl, jsd), "
+                                 f"not recipe={self.recipe!r} with loss={self.loss!r}: next-token labels may fall outside it")
         if self.cache_features and self.recipe != "balcony":
             raise ValueError(f"cache_features needs a frozen base (recipe 'balcony'), not recipe={self.recipe!r}")
         if self.loss == "kl+ce" and not self.ce_weight > 0:
@@ -341,6 +356,17 @@ class DistillObjective(nn.Module):
         if not self.exits:
             raise ValueError("no exit has trainable parameters: check train_exits and the recipe")
         self.register_buffer("gram", centered_gram(model.parts.lm_head.weight), persistent=False)
+        self.loss_head: nn.Linear | None = None
+
+    def set_loss_vocab(self, indices: torch.Tensor | None) -> None:
+        """Distil over these vocabulary entries only (None: the whole vocabulary again)."""
+        if indices is None:
+            self.loss_head = None
+            return
+        weight = self.model.parts.lm_head.weight
+        head = nn.Linear(weight.shape[1], len(indices), bias=False, device=weight.device, dtype=weight.dtype)
+        head.weight.data = weight.detach()[indices.to(weight.device)].clone()
+        self.loss_head = head.requires_grad_(False)
 
     def _loss_kwargs(self) -> dict:
         cfg = self.cfg
@@ -369,7 +395,8 @@ class DistillObjective(nn.Module):
         kwargs = self._loss_kwargs()
         if cfg.recipe in ("sorted", "pretrain"):
             kwargs = {"kind": "ce"}
-        total, per = multi_exit_distill_loss(hidden, teacher, model.parts.lm_head, labels, mask=token_mask, chunk_size=cfg.chunk_size, **kwargs)
+        head = self.loss_head if self.loss_head is not None else model.parts.lm_head
+        total, per = multi_exit_distill_loss(hidden, teacher, head, labels, mask=token_mask, chunk_size=cfg.chunk_size, **kwargs)
         if model.base_trainable:
             # The full model is trained too: its own LM loss keeps it a language model.
             full, _ = multi_exit_distill_loss([teacher], None, model.parts.lm_head, labels, mask=token_mask, chunk_size=cfg.chunk_size, kind="ce")
@@ -595,6 +622,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     compute_dtype = next(model.base.parameters()).dtype
     if cfg.warm_start and state["step"] == 0:
         _lstsq_warm_start(model, cfg, features, train_rows, objective_exits(objective), accelerator, logger)
+    if cfg.loss_vocab is not None:
+        _set_loss_vocab(getattr(objective, "module", objective), cfg, features, train_rows, state, accelerator, logger)
 
     bar = None
     if cfg.progress and main:
@@ -702,6 +731,45 @@ def _lstsq_warm_start(model: BalconyModel, cfg: TrainConfig, features: FeatureCa
         logger.log({"step": 0, "event": "warm_start", "seconds": time.perf_counter() - t, **{f"r2/{j}": v for j, v in r2.items()}})
         if cfg.progress:
             print("[balcony] lstsq warm start, R² per exit: " + ", ".join(f"{j}: {v:.3f}" for j, v in r2.items()))
+
+
+def _set_loss_vocab(objective: DistillObjective, cfg: TrainConfig, features: FeatureCache | None, rows: PackedData, state: dict,
+                    accelerator, logger: "RunLogger") -> None:
+    """Choose the loss vocabulary once (rank 0's choice on every process); a resume reads it from the checkpoint."""
+    from accelerate.utils import broadcast
+
+    from .losses import teacher_vocab
+
+    model = objective.model
+    weight = model.parts.lm_head.weight
+    if cfg.loss_vocab >= weight.shape[0]:  # e.g. a shipped config on a small-vocabulary model: nothing to cut
+        if accelerator.is_main_process:
+            logger.log({"step": state["step"], "event": "loss_vocab", "entries": weight.shape[0], "coverage": 1.0, "seconds": 0.0})
+            if cfg.progress:
+                print(f"[balcony] loss_vocab={cfg.loss_vocab} >= the model's {weight.shape[0]} vocabulary entries: distilling over all of them")
+        return
+    if "loss_vocab" in state:
+        objective.set_loss_vocab(torch.tensor(state["loss_vocab"], dtype=torch.long))
+        return
+    t = time.perf_counter()
+    keep = max(1, min(len(rows), cfg.loss_vocab_tokens // cfg.seq_len))
+    if features is not None:
+        teacher, mask = features.teacher[:keep], rows.attention_mask
+    else:  # a small frozen pass just for the choice
+        teacher, mask = build_feature_cache(model, rows._rows(slice(0, keep)), batch_size=cfg.batch_size,
+                                            dtype=getattr(torch, cfg.feature_dtype), progress=False).teacher, rows.attention_mask
+    mask = None if mask is None else mask[:keep].to(weight.device)
+    indices, coverage = teacher_vocab(weight, teacher.to(weight.device), cfg.loss_vocab, mask=mask, chunk_size=cfg.chunk_size)
+    if accelerator.num_processes > 1:
+        indices = broadcast(indices.contiguous(), from_process=0)
+    objective.set_loss_vocab(indices)
+    state["loss_vocab"] = indices.tolist()
+    if accelerator.is_main_process:
+        logger.log({"step": state["step"], "event": "loss_vocab", "entries": len(indices), "coverage": coverage,
+                    "seconds": time.perf_counter() - t})
+        if cfg.progress:
+            print(f"[balcony] distilling over the {len(indices)} vocabulary entries that hold {100 * coverage:.1f}% "
+                  f"of the teacher's probability on {keep * cfg.seq_len:,} training tokens")
 
 
 def _with_rows(rows: PackedData, cfg: TrainConfig, state: dict):
