@@ -620,10 +620,18 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.cache_features:
         features = build_feature_cache(model, train_rows, batch_size=cfg.batch_size, dtype=getattr(torch, cfg.feature_dtype), progress=cfg.progress and main)
     compute_dtype = next(model.base.parameters()).dtype
-    if cfg.warm_start and state["step"] == 0:
-        _lstsq_warm_start(model, cfg, features, train_rows, objective_exits(objective), accelerator, logger)
+    fit = cfg.warm_start and state["step"] == 0
+    pick = cfg.loss_vocab is not None and "loss_vocab" not in state and cfg.loss_vocab < model.parts.lm_head.weight.shape[0]
+    start_features = features
+    if start_features is None and (fit or pick):  # one small frozen pass for the warm start and the loss vocabulary
+        tokens = max(cfg.warm_start_tokens if fit else 0, cfg.loss_vocab_tokens if pick else 0)
+        keep = max(1, min(len(train_rows), tokens // cfg.seq_len))
+        start_features = build_feature_cache(model, train_rows._rows(slice(0, keep)), batch_size=cfg.batch_size,
+                                             dtype=getattr(torch, cfg.feature_dtype), progress=False)
+    if fit:
+        _lstsq_warm_start(model, cfg, start_features, objective_exits(objective), accelerator, logger)
     if cfg.loss_vocab is not None:
-        _set_loss_vocab(getattr(objective, "module", objective), cfg, features, train_rows, state, accelerator, logger)
+        _set_loss_vocab(getattr(objective, "module", objective), cfg, start_features, train_rows, state, accelerator, logger)
 
     bar = None
     if cfg.progress and main:
@@ -710,17 +718,13 @@ def objective_exits(objective) -> list[int]:
     return getattr(objective, "module", objective).exits
 
 
-def _lstsq_warm_start(model: BalconyModel, cfg: TrainConfig, features: FeatureCache | None, rows: PackedData, exits: list[int],
+def _lstsq_warm_start(model: BalconyModel, cfg: TrainConfig, features: FeatureCache, exits: list[int],
                       accelerator, logger: "RunLogger") -> None:
     """The closed-form warm start before step 0; every process ends with rank 0's fit."""
     from accelerate.utils import broadcast
 
     from .warmstart import MLP_OUT, lstsq_warm_start
 
-    if features is None:  # a small frozen pass just for the fit
-        keep = max(1, min(len(rows), cfg.warm_start_tokens // cfg.seq_len))
-        features = build_feature_cache(model, rows._rows(slice(0, keep)), batch_size=cfg.batch_size,
-                                       dtype=getattr(torch, cfg.feature_dtype), progress=False)
     t = time.perf_counter()
     r2 = lstsq_warm_start(model, features, exits, max_tokens=cfg.warm_start_tokens, batch_size=cfg.batch_size)
     if accelerator.num_processes > 1:
@@ -752,14 +756,9 @@ def _set_loss_vocab(objective: DistillObjective, cfg: TrainConfig, features: Fea
         objective.set_loss_vocab(torch.tensor(state["loss_vocab"], dtype=torch.long))
         return
     t = time.perf_counter()
-    keep = max(1, min(len(rows), cfg.loss_vocab_tokens // cfg.seq_len))
-    if features is not None:
-        teacher, mask = features.teacher[:keep], rows.attention_mask
-    else:  # a small frozen pass just for the choice
-        teacher, mask = build_feature_cache(model, rows._rows(slice(0, keep)), batch_size=cfg.batch_size,
-                                            dtype=getattr(torch, cfg.feature_dtype), progress=False).teacher, rows.attention_mask
-    mask = None if mask is None else mask[:keep].to(weight.device)
-    indices, coverage = teacher_vocab(weight, teacher.to(weight.device), cfg.loss_vocab, mask=mask, chunk_size=cfg.chunk_size)
+    keep = max(1, min(len(features), cfg.loss_vocab_tokens // cfg.seq_len))
+    mask = None if rows.attention_mask is None else rows.attention_mask[:keep].to(weight.device)
+    indices, coverage = teacher_vocab(weight, features.teacher[:keep].to(weight.device), cfg.loss_vocab, mask=mask, chunk_size=cfg.chunk_size)
     if accelerator.num_processes > 1:
         indices = broadcast(indices.contiguous(), from_process=0)
     objective.set_loss_vocab(indices)
