@@ -263,8 +263,10 @@ def test_config_validation_names_values():
 def test_shipped_configs_load(path):
     c = TrainConfig.from_yaml(path.stem)
     assert c.lr > 0 and c.seq_len > 0
-    if "paper" in path.stem:
+    if path.stem.endswith("-paper"):  # the paper's own models and settings
         assert c.exit_layers == [15, 18, 21] and c.lr == 5e-4 and c.seq_len == 4096 and c.loss == "kl"
+    if path.stem == "smollm2-paper-recipe":  # the paper's recipe on the embedded model
+        assert (c.init, c.warm_start, c.loss, c.loss_vocab, c.lr) == ("last_layer", None, "kl", None, 5e-4)
 
 
 def test_cli_train_with_overrides(tiny_setup, tmp_path):

@@ -1,7 +1,10 @@
-"""The default training corpus: textbook-style passages written by the base model itself.
+"""The default training corpus: textbook-style passages and fiction written by the base model itself.
 
-Like the synthetic Cosmopedia data the paper trained on, but generated locally so
-`balcony train` runs offline out of the box. Self-generated text is also exactly
+Like the synthetic Cosmopedia data the paper trained on (textbooks, stories), but generated
+locally so `balcony train` runs offline out of the box. Half the prompts ask for fiction
+(scenes with characters and dialogue): measured on exit 14 of SmolLM2-135M, 40k tokens of a
+half-fiction corpus taught LAMBADA's novels more (KL 2.02 vs 2.18, top-1 agreement 35.2% vs
+33.9%) than the same number of textbook-style tokens. Self-generated text is also exactly
 the distribution the teacher is confident on. Passages are appended to a JSONL
 file in the cache as they are made, so an interrupted build resumes where it stopped.
 """
@@ -52,15 +55,40 @@ STYLES = [
     "an encyclopedia article on",
     "a letter to a younger sibling explaining",
 ]
+FICTION_TOPICS = [
+    "a family dinner that goes wrong", "a detective investigating a stolen necklace", "two strangers on a night train",
+    "a soldier coming home after the war", "a girl who finds a secret door in her grandmother's house", "a haunted farmhouse",
+    "a couple arguing about moving to another city", "a wedding day", "a storm at sea", "a lost dog finding its way home",
+    "a nervous job interview", "a murder in a small town", "a letter from an old friend", "a hospital waiting room at night",
+    "a road trip between two brothers", "a vampire hiding in a big city", "a knight and a dragon", "a bank robbery",
+    "a trial in a courtroom", "a first date", "a teenager running away from home", "a ghost who wants to be remembered",
+    "a king's betrayal", "a woman starting over after a divorce", "a boy and his grandfather fishing", "a spaceship crew in trouble",
+    "a witch who lost her powers", "a high school reunion", "a secret kept by two sisters", "an escape from prison",
+    "a chef's first night at a new restaurant", "a mother waiting for news", "a rivalry between two musicians",
+    "a kidnapping", "a snowed-in mountain cabin", "a farmer during a drought", "a thief with a conscience",
+    "a pilot lost over the ocean", "an old man's last day at work", "a fight between best friends",
+]
+FICTION_STYLES = [
+    "a chapter of a novel, with dialogue, about",
+    "a scene from a novel, told in the third person, about",
+    "a first-person story about",
+    "a tense scene full of dialogue about",
+    "a short story for adults about",
+]
+# Share of prompts that ask for fiction (FICTION_TOPICS x FICTION_STYLES) instead of TOPICS x STYLES.
+FICTION_SHARE = 0.5
 # Bump when the prompts change: the cached corpus is keyed on it.
-PROMPT_VERSION = 2
+PROMPT_VERSION = 3
 
 
 def _prompts(tok, n: int, seed: int) -> list[tuple[str, str]]:
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        topic, style = rng.choice(TOPICS), rng.choice(STYLES)
+        if rng.random() < FICTION_SHARE:
+            topic, style = rng.choice(FICTION_TOPICS), rng.choice(FICTION_STYLES)
+        else:
+            topic, style = rng.choice(TOPICS), rng.choice(STYLES)
         tail = " " if style.endswith((" involves", " about", " on", " explaining")) else " about "
         request = f"Write {style}{tail}{topic}. Be concrete and accurate."
         if getattr(tok, "chat_template", None):
