@@ -103,7 +103,7 @@ def main() -> None:
         objective = DistillObjective(model, TrainConfig(**base_cfg, lr=lr))
         if v.get("vocab"):
             head_w = model.parts.lm_head.weight
-            idx, _ = teacher_vocab(head_w, feats.teacher[: max(1, 65536 // args.seq_len)], v["vocab"])
+            idx, _ = teacher_vocab(head_w, feats.teacher[: max(1, TrainConfig.loss_vocab_tokens // args.seq_len)], v["vocab"])
             objective.set_loss_vocab(idx)
         params = [p for p in exit.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95))
@@ -113,7 +113,9 @@ def main() -> None:
         model.train()
         for step in range(total):
             epoch, k = divmod(step, steps_per_epoch)
-            idx = epoch_order(rows, seed=0, epoch=epoch)[k * args.batch_size:(k + 1) * args.batch_size]
+            if k == 0:  # a fresh shuffle per epoch
+                order = epoch_order(rows, seed=0, epoch=epoch)
+            idx = order[k * args.batch_size:(k + 1) * args.batch_size]
             loss, _ = objective(feats.batch(idx, torch.float32), phase="warmup" if step < warm else "main")
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -365,7 +365,7 @@ class DistillObjective(nn.Module):
             return
         weight = self.model.parts.lm_head.weight
         head = nn.Linear(weight.shape[1], len(indices), bias=False, device=weight.device, dtype=weight.dtype)
-        head.weight.data = weight.detach()[indices.to(weight.device)].clone()
+        head.weight.data = weight.detach()[indices.to(weight.device)]  # indexing copies the rows
         self.loss_head = head.requires_grad_(False)
 
     def _loss_kwargs(self) -> dict:
