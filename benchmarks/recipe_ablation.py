@@ -16,7 +16,10 @@ scored on the same held-out rows (KL(full || exit) and top-1 agreement). Variant
 - ``lstsq-kl-2e-3-v8192``: as ``lstsq-kl-2e-3`` with the loss over the 8192 vocabulary
   entries that carry the most teacher mass (``loss_vocab``), the same steps;
   ``lstsq-kl-2e-3-v8192-x4``: the same over 4 epochs (about the wall time of one
-  full-vocabulary epoch).
+  full-vocabulary epoch). Any ``lstsq-kl-<lr>[-v<k>][-x<epochs>]`` is understood, e.g.
+  ``lstsq-kl-2e-3-v4096-x13``.
+
+``--text FILE`` also scores every variant on text the training never saw (e.g. LAMBADA jsonl).
 
 Prints one JSON line per variant and a table at the end.
 """
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import time
 
 import torch
@@ -43,6 +47,23 @@ VARIANTS = {
     "lstsq-kl-2e-3-v8192-x4": dict(init="lstsq", lr=2e-3, vocab=8192, epochs=4),
 }
 
+_PATTERN = re.compile(r"lstsq-kl-(?P<lr>[0-9.e-]+?)(?:-v(?P<vocab>\d+))?(?:-x(?P<epochs>[0-9.]+))?")
+
+
+def variant(name: str) -> dict | None:
+    """The settings of a variant name, or None when it is not one."""
+    if name in VARIANTS:
+        return VARIANTS[name]
+    m = _PATTERN.fullmatch(name)
+    if m is None:
+        return None
+    v = dict(init="lstsq", lr=float(m["lr"]))
+    if m["vocab"]:
+        v["vocab"] = int(m["vocab"])
+    if m["epochs"]:
+        v["epochs"] = float(m["epochs"])
+    return v
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,12 +76,13 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--variants", default="paper,mse-5e-4,mse-2e-3,lstsq-only,lstsq-kl-2e-3,lstsq-kl-4e-3",
                     help=f"comma-separated, from {sorted(VARIANTS)}")
+    ap.add_argument("--text", default=None, help="also score on this text file (txt/jsonl), e.g. LAMBADA")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     names = args.variants.split(",")
     for n in names:
-        if n not in VARIANTS:
-            raise SystemExit(f"unknown variant {n!r}; choose from {sorted(VARIANTS)}")
+        if variant(n) is None:
+            raise SystemExit(f"unknown variant {n!r}; choose from {sorted(VARIANTS)} or lstsq-kl-<lr>[-v<k>][-x<epochs>]")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -84,13 +106,27 @@ def main() -> None:
     feats = build_feature_cache(model, train_rows, batch_size=args.batch_size, progress=True)
     print(f"frozen pass over {rows * args.seq_len:,} tokens cached in {time.perf_counter() - t0:.0f} s", flush=True)
     eval_batches = [eval_rows[slice(s, s + args.batch_size)] for s in range(0, len(eval_rows), args.batch_size)]
+    text_batches = []
+    if args.text:
+        from balcony.evaluation import load_texts
+
+        ids: list[int] = []
+        for passage in load_texts(args.text):  # passages joined by EOS, cut into full rows
+            ids += tok(passage, add_special_tokens=False).input_ids + [tok.eos_token_id]
+            if len(ids) >= args.eval_tokens:
+                break
+        n = min(len(ids), args.eval_tokens) // args.seq_len * args.seq_len
+        if n == 0:
+            raise SystemExit(f"--text {args.text}: fewer than seq_len={args.seq_len} tokens")
+        windows = torch.tensor(ids[:n]).view(-1, args.seq_len)
+        text_batches = [{"input_ids": windows[s:s + args.batch_size]} for s in range(0, len(windows), args.batch_size)]
     exit = model.exits[str(args.exit)]
     init_state = {k: v.clone() for k, v in exit.state_dict().items()}
     steps_per_epoch = rows // args.batch_size
 
     results = []
     for name in names:
-        v = VARIANTS[name]
+        v = variant(name)
         exit.load_state_dict(init_state)
         if v.get("init") == "identity":
             with torch.no_grad():
@@ -127,13 +163,20 @@ def main() -> None:
         m = distill_metrics(model, eval_batches, exits=[args.exit])[args.exit]
         row = {"variant": name, "exit": args.exit, "steps": total, "tokens": total * args.batch_size * args.seq_len, "seconds": round(secs, 1),
                "kl": round(m["kl"], 3), "agreement": round(m["agreement"], 4)}
+        if text_batches:
+            t = distill_metrics(model, text_batches, exits=[args.exit])[args.exit]
+            row.update(text_kl=round(t["kl"], 3), text_agreement=round(t["agreement"], 4))
         results.append(row)
         print(json.dumps(row), flush=True)
 
     print(f"\nexit {args.exit}, {steps_per_epoch} steps of {args.batch_size}x{args.seq_len} tokens, held-out {len(eval_rows) * args.seq_len:,} tokens")
-    print(f"{'variant':<18} {'steps':>5} {'seconds':>8} {'KL':>7} {'agree':>7}")
+    text = f" {'text KL':>8} {'agree':>7}" if text_batches else ""
+    print(f"{'variant':<24} {'steps':>5} {'seconds':>8} {'KL':>7} {'agree':>7}{text}")
     for r in results:
-        print(f"{r['variant']:<18} {r['steps']:>5} {r['seconds']:>8.0f} {r['kl']:>7.3f} {100 * r['agreement']:>6.1f}%")
+        line = f"{r['variant']:<24} {r['steps']:>5} {r['seconds']:>8.0f} {r['kl']:>7.3f} {100 * r['agreement']:>6.1f}%"
+        if text_batches:
+            line += f" {r['text_kl']:>8.3f} {100 * r['text_agreement']:>6.1f}%"
+        print(line)
 
 
 if __name__ == "__main__":
