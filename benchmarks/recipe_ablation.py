@@ -107,19 +107,14 @@ def main() -> None:
     print(f"frozen pass over {rows * args.seq_len:,} tokens cached in {time.perf_counter() - t0:.0f} s", flush=True)
     eval_batches = [eval_rows[slice(s, s + args.batch_size)] for s in range(0, len(eval_rows), args.batch_size)]
     text_batches = []
-    if args.text:
+    if args.text:  # packed like the held-out rows, so both are scored the same way
+        from balcony.data import tokenize_and_pack
         from balcony.evaluation import load_texts
 
-        ids: list[int] = []
-        for passage in load_texts(args.text):  # passages joined by EOS, cut into full rows
-            ids += tok(passage, add_special_tokens=False).input_ids + [tok.eos_token_id]
-            if len(ids) >= args.eval_tokens:
-                break
-        n = min(len(ids), args.eval_tokens) // args.seq_len * args.seq_len
-        if n == 0:
+        text_rows = tokenize_and_pack(load_texts(args.text), tok, args.seq_len, max_tokens=args.eval_tokens)
+        if len(text_rows) == 0:
             raise SystemExit(f"--text {args.text}: fewer than seq_len={args.seq_len} tokens")
-        windows = torch.tensor(ids[:n]).view(-1, args.seq_len)
-        text_batches = [{"input_ids": windows[s:s + args.batch_size]} for s in range(0, len(windows), args.batch_size)]
+        text_batches = [text_rows[slice(s, s + args.batch_size)] for s in range(0, len(text_rows), args.batch_size)]
     exit = model.exits[str(args.exit)]
     init_state = {k: v.clone() for k, v in exit.state_dict().items()}
     steps_per_epoch = rows // args.batch_size
