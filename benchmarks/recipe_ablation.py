@@ -34,17 +34,13 @@ import time
 
 import torch
 
+# lstsq-kl-<lr>[-v<k>][-x<epochs>] names are read by `variant`.
 VARIANTS = {
     "paper": dict(lr=5e-4),
     "mse-5e-4": dict(lr=5e-4, warmup=0.28),
     "mse-2e-3": dict(lr=2e-3, warmup=0.28),
     "lstsq-only": dict(init="lstsq", steps=0),
-    "lstsq-kl-1e-3": dict(init="lstsq", lr=1e-3),
-    "lstsq-kl-2e-3": dict(init="lstsq", lr=2e-3),
-    "lstsq-kl-4e-3": dict(init="lstsq", lr=4e-3),
     "identity-kl-2e-3": dict(init="identity", lr=2e-3),
-    "lstsq-kl-2e-3-v8192": dict(init="lstsq", lr=2e-3, vocab=8192),
-    "lstsq-kl-2e-3-v8192-x4": dict(init="lstsq", lr=2e-3, vocab=8192, epochs=4),
 }
 
 _PATTERN = re.compile(r"lstsq-kl-(?P<lr>[0-9.e-]+?)(?:-v(?P<vocab>\d+))?(?:-x(?P<epochs>[0-9.]+))?")
@@ -75,7 +71,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--variants", default="paper,mse-5e-4,mse-2e-3,lstsq-only,lstsq-kl-2e-3,lstsq-kl-4e-3",
-                    help=f"comma-separated, from {sorted(VARIANTS)}")
+                    help=f"comma-separated, from {sorted(VARIANTS)} or lstsq-kl-<lr>[-v<k>][-x<epochs>]")
     ap.add_argument("--text", default=None, help="also score on this text file (txt/jsonl), e.g. LAMBADA")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
