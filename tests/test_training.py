@@ -137,6 +137,32 @@ def test_checkpointed_exits_give_the_same_gradients(tiny_setup):
         torch.testing.assert_close(grads[True][name], g, rtol=1e-5, atol=1e-7)
 
 
+def test_cached_features_run_the_held_out_frozen_pass_once(tiny_setup, tmp_path, monkeypatch):
+    """With cache_features, evaluations reuse one held-out frozen pass and score as an uncached evaluation does."""
+    from balcony.metrics import distill_metrics
+
+    calls = {"n": 0}
+    real = BalconyModel.base_pass
+
+    def counting(self, *a, **k):
+        calls["n"] += 1
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(BalconyModel, "base_pass", counting)
+    c = cfg(tiny_setup, tmp_path / "run", cache_features=True, eval_every=1, max_steps=4)
+    result = train(c)
+    monkeypatch.setattr(BalconyModel, "base_pass", real)
+    model = BalconyModel.from_pretrained(tiny_base(vocab_size=54), tmp_path / "run").eval()
+    train_rows, eval_rows = training.load_training_data(c, tiny_hf_tokenizer(), model)
+    batches = -(-len(train_rows) // c.batch_size) + -(-len(eval_rows) // c.batch_size)
+    assert calls["n"] == batches  # one pass over each split; the six evaluations ran no base layer
+    ref = distill_metrics(model, [eval_rows[slice(s, s + c.batch_size)] for s in range(0, len(eval_rows), c.batch_size)])
+    for j in (2, 4, 6):
+        assert result.after[j]["kl"] == pytest.approx(ref[j]["kl"], rel=1e-5, abs=1e-7)
+        assert result.after[j]["agreement"] == ref[j]["agreement"]
+    assert result.after[2]["kl"] > 0
+
+
 def test_kill_and_resume_gives_the_same_exits(tiny_setup, tmp_path, monkeypatch):
     for kw in ({}, {"cache_features": True, "warmup_loss": "logit_mse", "warmup_fraction": 0.3, "warm_start": "lstsq", "loss_vocab": 20}):
         full, killed = tmp_path / f"full{len(kw)}", tmp_path / f"killed{len(kw)}"

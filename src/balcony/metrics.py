@@ -6,7 +6,6 @@ from typing import Iterable
 
 import torch
 
-from .losses import kl_per_token
 from .model import BalconyModel
 
 
@@ -23,13 +22,16 @@ def distill_metrics(
 
     One `distill_forward` per batch feeds every exit; logits are formed `chunk_size`
     tokens at a time, so memory never holds (tokens x vocab) for all exits. The full
-    model appears under key N with KL 0 and agreement 1.
+    model appears under key N with KL 0 and agreement 1. A batch that carries a cached
+    frozen pass (``taps`` and ``teacher``, as `balcony.features.FeatureCache.batch`
+    gives) runs only the exit modules: the same numbers, without the base.
 
     Args:
         model: The Balcony model.
         batches: Dicts with ``input_ids`` (B, T) and optionally ``position_ids``,
             ``attention_mask`` and ``labels`` (-100 where a token does not count;
-            perplexity uses labels[t + 1] as the target of position t).
+            perplexity uses labels[t + 1] as the target of position t); optionally
+            ``taps`` ({exit layer: (B, T, H)}, every scored exit) and ``teacher`` (B, T, H).
         exits: Exit layers to score (default: all).
         chunk_size: Tokens per logits chunk.
         progress: Show a progress bar.
@@ -52,15 +54,23 @@ def distill_metrics(
         batches = tqdm(batches, desc="distill metrics", unit="batch")
     for batch in batches:
         ids = batch["input_ids"]
-        out = model.distill_forward(ids, batch.get("attention_mask"), batch.get("position_ids"), exits=exits)
+        if "taps" in batch:
+            missing = [j for j in exits if j not in batch["taps"]]
+            if missing:
+                raise ValueError(f"the cached batch has no hidden states for exit(s) {missing}; it has {sorted(batch['taps'])}")
+            exit_hidden = model.run_exits({j: batch["taps"][j] for j in exits}, batch.get("attention_mask"), batch.get("position_ids"))
+            teacher = batch["teacher"]
+        else:
+            out = model.distill_forward(ids, batch.get("attention_mask"), batch.get("position_ids"), exits=exits)
+            exit_hidden, teacher = out.exit_hidden, out.teacher_hidden
         mask = batch.get("attention_mask")
         mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
         labels = batch.get("labels", ids)
         # Next-token targets: position t predicts labels[t + 1].
         target = torch.full_like(ids, -100)
         target[:, :-1] = labels[:, 1:]
-        h_t = out.teacher_hidden.reshape(-1, out.teacher_hidden.shape[-1])
-        states = {j: out.exit_hidden[j].reshape(-1, h_t.shape[-1]) for j in exits}
+        h_t = teacher.reshape(-1, teacher.shape[-1])
+        states = {j: exit_hidden[j].reshape(-1, h_t.shape[-1]) for j in exits}
         states.setdefault(n_layers, h_t)
         flat_mask, flat_target = mask.reshape(-1), target.reshape(-1)
         for s in range(0, h_t.shape[0], chunk_size):
@@ -69,15 +79,21 @@ def distill_metrics(
             valid = (tgt != -100) & m
             t_logits = head(h_t[s : s + chunk_size]).float()
             t_top = t_logits.argmax(-1)
+            log_p = t_logits.log_softmax(-1)  # the teacher's, shared by every exit of the chunk
+            p = log_p.exp()
             for j, h in states.items():
-                logits = t_logits if h is h_t else head(h[s : s + chunk_size]).float()
                 acc = sums[j]
-                acc["kl"] += (kl_per_token(logits, t_logits) * m).sum().item()
-                acc["agree"] += ((logits.argmax(-1) == t_top) & m).sum().item()
+                if h is h_t:  # the full model itself: KL 0, agreement 1
+                    log_q = log_p
+                    acc["agree"] += m.sum().item()
+                else:
+                    logits = head(h[s : s + chunk_size]).float()
+                    log_q = logits.log_softmax(-1)
+                    acc["kl"] += ((p * (log_p - log_q)).sum(-1) * m).sum().item()
+                    acc["agree"] += ((logits.argmax(-1) == t_top) & m).sum().item()
                 acc["tokens"] += int(m.sum())
                 if valid.any():
-                    logp = logits.log_softmax(-1)
-                    acc["nll"] += -(logp[valid].gather(-1, tgt[valid, None])).sum().item()
+                    acc["nll"] += -(log_q[valid].gather(-1, tgt[valid, None])).sum().item()
                     acc["ppl_tokens"] += int(valid.sum())
     result = {}
     for j, acc in sums.items():

@@ -597,14 +597,27 @@ def train(cfg: TrainConfig) -> TrainResult:
             print(f"[balcony] resuming from {ckpt} (step {state['step']} of {total_steps})")
     objective, optimizer, scheduler = accelerator.prepare(objective, optimizer, scheduler)
 
-    eval_batches = [] if eval_rows is None else [eval_rows[slice(s, s + cfg.batch_size)] for s in range(0, len(eval_rows), cfg.batch_size)]
+    compute_dtype = next(model.base.parameters()).dtype
+    eval_features: FeatureCache | None = None
+    if cfg.cache_features and eval_rows is not None and main:
+        # The base is frozen, so every evaluation would rerun the same held-out frozen pass (a quarter
+        # of its time on the embedded model): run it once, in float32 so the metrics stay exact.
+        eval_features = build_feature_cache(model, eval_rows, batch_size=cfg.batch_size, dtype=torch.float32, progress=False)
+
+    def eval_batches():
+        for s in range(0, len(eval_rows), cfg.batch_size):
+            if eval_features is not None:
+                batch = eval_features.batch(torch.arange(s, min(s + cfg.batch_size, len(eval_rows))), compute_dtype)
+            else:
+                batch = eval_rows[slice(s, s + cfg.batch_size)]
+            yield _to_device(batch, accelerator.device)
 
     def evaluate() -> dict[int, dict[str, float]]:
-        if not eval_batches:
+        if eval_rows is None or len(eval_rows) == 0:
             return {}
         was = model.training
         model.eval()
-        res = distill_metrics(model, eval_batches, chunk_size=cfg.chunk_size)
+        res = distill_metrics(model, eval_batches(), chunk_size=cfg.chunk_size)
         model.train(was)
         return res
 
@@ -619,7 +632,6 @@ def train(cfg: TrainConfig) -> TrainResult:
     features: FeatureCache | None = None
     if cfg.cache_features:
         features = build_feature_cache(model, train_rows, batch_size=cfg.batch_size, dtype=getattr(torch, cfg.feature_dtype), progress=cfg.progress and main)
-    compute_dtype = next(model.base.parameters()).dtype
     fit = cfg.warm_start and state["step"] == 0
     pick = cfg.loss_vocab is not None and "loss_vocab" not in state and cfg.loss_vocab < model.parts.lm_head.weight.shape[0]
     start_features = features
