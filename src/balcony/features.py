@@ -41,8 +41,8 @@ class FeatureCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in [self.teacher, *self.taps.values()])
 
-    def batch(self, rows: torch.Tensor, dtype: torch.dtype) -> dict:
-        """Rows -> a batch dict: the token fields plus ``taps`` and ``teacher`` in `dtype`."""
+    def batch(self, rows: torch.Tensor | slice, dtype: torch.dtype) -> dict:
+        """Rows (indices or a slice) -> a batch dict: the token fields plus ``taps`` and ``teacher`` in `dtype`."""
         out = self.data[rows]
         out["taps"] = {j: t[rows].to(dtype) for j, t in self.taps.items()}
         out["teacher"] = self.teacher[rows].to(dtype)

@@ -606,10 +606,8 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     def eval_batches():
         for s in range(0, len(eval_rows), cfg.batch_size):
-            if eval_features is not None:
-                batch = eval_features.batch(torch.arange(s, min(s + cfg.batch_size, len(eval_rows))), compute_dtype)
-            else:
-                batch = eval_rows[slice(s, s + cfg.batch_size)]
+            rows = slice(s, s + cfg.batch_size)
+            batch = eval_rows[rows] if eval_features is None else eval_features.batch(rows, compute_dtype)
             yield _to_device(batch, accelerator.device)
 
     def evaluate() -> dict[int, dict[str, float]]:
