@@ -8,7 +8,16 @@ import pytest
 from tiny_models import tiny_base, tiny_hf_tokenizer
 
 from balcony import BalconyConfig, BalconyModel
-from balcony.corpus import FICTION_SHARE, FICTION_TOPICS, TOPICS, _prompts, corpus_path, generated_corpus
+from balcony.corpus import (
+    FICTION_SHARE,
+    FICTION_TOPICS,
+    HOWTO_SHARE,
+    HOWTO_TOPICS,
+    TOPICS,
+    _prompts,
+    corpus_path,
+    generated_corpus,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -16,10 +25,14 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("BALCONY_CACHE", str(tmp_path / "cache"))
 
 
-def test_prompts_mix_textbook_topics_and_fiction():
+def test_prompts_mix_textbook_topics_fiction_and_howto():
     prompts = _prompts(tiny_hf_tokenizer(), 400, seed=0)
     fiction = sum(topic in FICTION_TOPICS for topic, _ in prompts) / len(prompts)
+    howto = sum(topic in HOWTO_TOPICS for topic, _ in prompts) / len(prompts)
+    textbook = sum(topic in TOPICS for topic, _ in prompts) / len(prompts)
     assert abs(fiction - FICTION_SHARE) < 0.1, fiction
+    assert abs(howto - HOWTO_SHARE) < 0.1, howto
+    assert abs(textbook - (1 - FICTION_SHARE - HOWTO_SHARE)) < 0.1, textbook
     assert all(topic in text for topic, text in prompts)
     assert _prompts(tiny_hf_tokenizer(), 400, seed=0) == prompts and _prompts(tiny_hf_tokenizer(), 400, seed=1) != prompts
 
@@ -30,7 +43,7 @@ def test_generated_corpus_is_cached_and_extended():
     path = generated_corpus(model, tok, num_tokens=200, batch_size=4, max_new_tokens=24, progress=False)
     rows = [json.loads(l) for l in path.read_text().splitlines()]
     assert sum(r["tokens"] for r in rows) >= 200
-    assert all(r["topic"] in TOPICS + FICTION_TOPICS and r["tokens"] >= 16 for r in rows)
+    assert all(r["topic"] in TOPICS + FICTION_TOPICS + HOWTO_TOPICS and r["tokens"] >= 16 for r in rows)
     assert path == corpus_path(model, 0)
     # Asking for no more than what is there generates nothing.
     model.generate = lambda *a, **k: (_ for _ in ()).throw(AssertionError("regenerated"))

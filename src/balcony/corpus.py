@@ -1,11 +1,14 @@
-"""The default training corpus: textbook-style passages and fiction written by the base model itself.
+"""The default training corpus: fiction, textbook-style passages and how-to text written by the base model itself.
 
 Like the synthetic Cosmopedia data the paper trained on (textbooks, stories), but generated
 locally so `balcony train` runs offline out of the box. Half the prompts ask for fiction
 (scenes with characters and dialogue): measured on exit 14 of SmolLM2-135M, 40k tokens of a
 half-fiction corpus taught LAMBADA's novels more (KL 2.02 vs 2.18, top-1 agreement 35.2% vs
 33.9%) than the same number of textbook-style tokens. Self-generated text is also exactly
-the distribution the teacher is confident on. Passages are appended to a JSONL
+the distribution the teacher is confident on. A quarter of the prompts ask for everyday how-to
+text (household tasks, tools, materials: PIQA's domain); on exit 14 with the fiction share held,
+swapping half the textbook rows for how-to rows raised PIQA (acc 54.1 -> 55.3, acc_norm 53.5 -> 54.8
+on its 1838 items). Passages are appended to a JSONL
 file in the cache as they are made, so an interrupted build resumes where it stopped.
 """
 
@@ -75,22 +78,49 @@ FICTION_STYLES = [
     "a tense scene full of dialogue about",
     "a short story for adults about",
 ]
-# Share of prompts that ask for fiction (FICTION_TOPICS x FICTION_STYLES) instead of TOPICS x STYLES.
+HOWTO_TOPICS = [
+    "removing a stain from clothes", "fixing a flat bicycle tire", "keeping bread fresh", "cleaning a cast iron pan",
+    "hanging a picture on a wall", "packing a suitcase", "unclogging a drain", "sharpening a kitchen knife",
+    "building a campfire", "tying a tie", "painting a room", "planting tomatoes", "storing leftovers safely",
+    "cleaning windows without streaks", "opening a stuck jar lid", "folding a fitted sheet", "making a paper airplane",
+    "washing a wool sweater", "removing rust from tools", "peeling garlic quickly", "boiling eggs",
+    "fixing a squeaky door", "cleaning a microwave", "wrapping a gift", "sewing a button", "cutting a mango",
+    "getting gum out of hair", "keeping flowers fresh in a vase", "repairing a wobbly table", "drying wet shoes",
+    "removing a splinter", "cooling a hot room without air conditioning", "organizing a closet", "cleaning a keyboard",
+    "making a bird feeder", "loosening a tight screw", "polishing silverware", "descaling a kettle",
+    "making cold brew coffee", "patching a hole in drywall", "keeping mosquitoes away",
+    "melting chocolate without burning it", "lighting a charcoal grill", "cleaning a paint brush",
+    "softening hard butter", "removing a sticker from glass", "filling a water balloon", "stacking firewood",
+]
+HOWTO_STYLES = [
+    "step-by-step instructions for",
+    "a practical guide to",
+    "a list of household tips for",
+    "a short answer to a friend who asks about",
+    "a forum reply explaining the best way of",
+]
+# Shares of prompts that ask for fiction (FICTION_TOPICS x FICTION_STYLES) and for everyday how-to text
+# (HOWTO_TOPICS x HOWTO_STYLES); the rest are textbook-style (TOPICS x STYLES).
 FICTION_SHARE = 0.5
+HOWTO_SHARE = 0.25
 # Bump when the prompts change: the cached corpus is keyed on it.
-PROMPT_VERSION = 3
+PROMPT_VERSION = 4
 
 
 def _prompts(tok, n: int, seed: int) -> list[tuple[str, str]]:
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        if rng.random() < FICTION_SHARE:
-            topic, style = rng.choice(FICTION_TOPICS), rng.choice(FICTION_STYLES)
+        kind = rng.random()
+        if FICTION_SHARE <= kind < FICTION_SHARE + HOWTO_SHARE:
+            topic, style = rng.choice(HOWTO_TOPICS), rng.choice(HOWTO_STYLES)
+            request = f"Write {style} {topic}. Be concrete and practical, and say which tools or materials to use."
         else:
-            topic, style = rng.choice(TOPICS), rng.choice(STYLES)
-        tail = " " if style.endswith((" involves", " about", " on", " explaining")) else " about "
-        request = f"Write {style}{tail}{topic}. Be concrete and accurate."
+            fiction = kind < FICTION_SHARE
+            topic = rng.choice(FICTION_TOPICS if fiction else TOPICS)
+            style = rng.choice(FICTION_STYLES if fiction else STYLES)
+            tail = " " if style.endswith((" involves", " about", " on", " explaining")) else " about "
+            request = f"Write {style}{tail}{topic}. Be concrete and accurate."
         if getattr(tok, "chat_template", None):
             text = tok.apply_chat_template([{"role": "user", "content": request}], tokenize=False, add_generation_prompt=True)
         else:
