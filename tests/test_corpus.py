@@ -13,6 +13,7 @@ from balcony.corpus import (
     FICTION_TOPICS,
     HOWTO_SHARE,
     HOWTO_TOPICS,
+    SAMPLING,
     TOPICS,
     _prompts,
     corpus_path,
@@ -54,3 +55,15 @@ def test_generated_corpus_is_cached_and_extended():
     generated_corpus(model, tok, num_tokens=400, batch_size=4, max_new_tokens=24, progress=False)
     after = path.read_text()
     assert after.startswith(before) and len(after) > len(before)
+
+
+def test_each_sampling_setting_has_its_own_cache_file():
+    tok = tiny_hf_tokenizer()
+    model = BalconyModel(tiny_base(vocab_size=len(tok)), BalconyConfig(exit_layers=[2]))
+    kw = dict(num_tokens=60, batch_size=4, max_new_tokens=24, progress=False)
+    default = generated_corpus(model, tok, **kw)
+    cool = dict(temperature=0.8, top_k=100, top_p=0.95)
+    cooler = generated_corpus(model, tok, **kw, **cool)
+    assert default == corpus_path(model, 0) and cooler == corpus_path(model, 0, **cool) and default != cooler
+    assert default.read_text() != cooler.read_text()
+    assert corpus_path(model, 0, **{**SAMPLING, "temperature": 0.9}) not in (default, cooler)

@@ -8,7 +8,9 @@ half-fiction corpus taught LAMBADA's novels more (KL 2.02 vs 2.18, top-1 agreeme
 the distribution the teacher is confident on. A quarter of the prompts ask for everyday how-to
 text (household tasks, tools, materials: PIQA's domain); on exit 14 with the fiction share held,
 swapping half the textbook rows for how-to rows raised PIQA (acc 54.1 -> 55.3, acc_norm 53.5 -> 54.8
-on its 1838 items). Passages are appended to a JSONL
+on its 1838 items). Passages are sampled at temperature 1 without a top-p cut (`SAMPLING`): text
+that follows the model's own distribution teaches the exits real text better than cooler samples
+(exit 17: LAMBADA agreement 45.9% against 42.6% at temperature 0.8). Passages are appended to a JSONL
 file in the cache as they are made, so an interrupted build resumes where it stopped.
 """
 
@@ -103,8 +105,16 @@ HOWTO_STYLES = [
 # (HOWTO_TOPICS x HOWTO_STYLES); the rest are textbook-style (TOPICS x STYLES).
 FICTION_SHARE = 0.5
 HOWTO_SHARE = 0.25
-# Bump when the prompts change: the cached corpus is keyed on it.
+# Bump when the prompts change: the cached corpus is keyed on it (and on the sampling settings).
 PROMPT_VERSION = 4
+# How passages are sampled: plain sampling at temperature 1, so the text follows the model's own
+# distribution, tails included (top-k 1000 holds nearly all of the mass and keeps batched sampling
+# cheap). Measured on exit 17 of SmolLM2-135M (61k generated tokens, 13 epochs of the default recipe,
+# scored on 12k LAMBADA tokens): temperature 0.8 with top-k 100 / top-p 0.95 gave KL 1.53 and top-1
+# agreement 42.6%; temperature 1.0 with the same cut-offs 1.40 / 44.7%; temperature 1.0, top-k 1000,
+# no top-p 1.29 / 45.9%. Text sampled closer to the model's distribution teaches the exits the
+# contexts that real text gives them, where cooler samples are easier than any real text.
+SAMPLING = {"temperature": 1.0, "top_k": 1000, "top_p": 1.0}
 
 
 def _prompts(tok, n: int, seed: int) -> list[tuple[str, str]]:
@@ -148,9 +158,12 @@ def strip_repetition(text: str, max_repeats: int = 1) -> str:
     return "\n".join(kept).strip()
 
 
-def corpus_path(model, seed: int) -> Path:
-    """Where the generated corpus of `model` lives in the cache."""
+def corpus_path(model, seed: int, *, temperature: float = SAMPLING["temperature"], top_k: int = SAMPLING["top_k"],
+                top_p: float = SAMPLING["top_p"]) -> Path:
+    """Where the generated corpus of `model` (with these sampling settings) lives in the cache."""
     key = f"{model.config.base_config_fingerprint}-{model.config.base_model_name_or_path}-{seed}-v{PROMPT_VERSION}"
+    if (temperature, top_k, top_p) != (0.8, 100, 0.95):  # the settings of prompt version 4's first corpus keep its key
+        key += f"-t{temperature:g}-k{top_k}-p{top_p:g}"
     return cache_dir() / "corpus" / f"generated-{hashlib.sha256(key.encode()).hexdigest()[:12]}.jsonl"
 
 
@@ -168,9 +181,9 @@ def generated_corpus(
     num_tokens: int = 200_000,
     batch_size: int = 128,
     max_new_tokens: int = 320,
-    temperature: float = 0.8,
-    top_k: int = 100,
-    top_p: float = 0.95,
+    temperature: float = SAMPLING["temperature"],
+    top_k: int = SAMPLING["top_k"],
+    top_p: float = SAMPLING["top_p"],
     seed: int = 0,
     progress: bool = True,
 ) -> Path:
@@ -182,15 +195,16 @@ def generated_corpus(
         num_tokens: Tokens of generated text wanted.
         batch_size: Prompts generated together.
         max_new_tokens: Length cap of one passage.
-        temperature, top_k, top_p: Sampling settings (diverse but on-distribution; top-k also
-            makes batched sampling cheap, see `balcony.generation.sample`).
+        temperature, top_k, top_p: Sampling settings (default `SAMPLING`: the model's own
+            distribution; top-k also makes batched sampling cheap, see `balcony.generation.sample`).
+            Each setting has its own cache file.
         seed: Seed of topics and sampling.
         progress: Show a progress bar.
 
     Returns:
         Path of the JSONL file (fields ``text``, ``topic``, ``tokens``).
     """
-    path = corpus_path(model, seed)
+    path = corpus_path(model, seed, temperature=temperature, top_k=top_k, top_p=top_p)
     have = _count_tokens(path)
     if have >= num_tokens:
         return path
