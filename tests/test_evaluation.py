@@ -339,6 +339,20 @@ def test_eval_command_writes_table_and_plots(tiny, tmp_path, capsys, local_tasks
     # Scores are lm-eval's numbers in percent.
     assert rows["balcony/M"]["scores"]["balcony_piqa"] == pytest.approx(100 * rows["balcony/M"]["metrics"]["balcony_piqa"]["acc"])
     assert "perplexity" in rows["full"]["metrics"]["balcony_lambada"]
+    # Each exit against plain early exit at its layer, item by item (the same 4 items per task).
+    for key in ("balcony/S", "balcony/M"):
+        twin = "early-exit/" + rows[key]["budget"]
+        for task in ("balcony_piqa", "balcony_arc_easy"):
+            for name in ("acc", "acc_norm"):
+                p = rows[key]["paired"][task][name]
+                diff = 100 * (rows[key]["metrics"][task][name] - rows[twin]["metrics"][task][name])
+                assert p["against"] == twin and p["n"] == 4 and p["diff"] == pytest.approx(diff)
+                assert p["se"] >= 0 and p["wins"] + p["losses"] <= 4
+                assert (p["wins"] - p["losses"]) * 25 == pytest.approx(p["diff"])  # 0/1 items: each win or loss is 25 points
+        assert set(rows[key]["paired"]["balcony_lambada"]) == {"acc"}  # perplexity is not a mean over items
+    # mlp/S exits at layer 3, where there is no early-exit row to pair with.
+    assert rows["mlp/S"]["layer"] == 3 and all(not rows[k]["paired"] for k in ("full", "early-exit/S", "early-exit/M", "mlp/S"))
+    assert "paired: each row minus plain early exit" in printed
 
     table = list(csv.DictReader(io.StringIO((out / "results.csv").read_text())))
     assert [(r["method"], r["budget"]) for r in table] == [("full", "XL"), ("balcony", "S"), ("balcony", "M"), ("early-exit", "S"), ("early-exit", "M"), ("mlp", "S")]
@@ -387,6 +401,19 @@ def test_bad_inputs_are_named(tiny, tmp_path, local_tasks_only):
     bench.write_text('{"budgets": [{"note": "nothing"}]}')
     with pytest.raises(ValueError, match="holds no usable entries"):
         run_evaluation(model=base, exits=exits, text=["hello world"], bench_json=bench, log=None)
+
+
+def test_paired_difference():
+    p = evaluation.paired_difference([1, 1, 0, 1], [1, 0, 0, 0])
+    assert p["diff"] == 0.5 and p["n"] == 4 and (p["wins"], p["losses"]) == (2, 0)
+    assert p["se"] == pytest.approx((1 / 3 / 4) ** 0.5)  # std (ddof 1) of the differences over sqrt(n)
+    same = evaluation.paired_difference([0, 1, 1], [0, 1, 1])
+    assert same["diff"] == 0 and same["se"] == 0 and same["wins"] == same["losses"] == 0
+    # Two variants that trade wins: a zero mean difference with a non-zero standard error.
+    swap = evaluation.paired_difference([1, 0] * 50, [0, 1] * 50)
+    assert swap["diff"] == 0 and swap["se"] > 0.09 and swap["wins"] == swap["losses"] == 50
+    with pytest.raises(ValueError, match="3 and 2 values"):
+        evaluation.paired_difference([1, 0, 1], [1, 0])
 
 
 def test_read_bench_is_tolerant(tmp_path):

@@ -417,9 +417,13 @@ class TaskResults:
         higher_is_better: task -> metric -> bool.
         seconds: variant key -> wall time of its harness run.
         requested: The task names asked for (a group's subtasks also appear in `scores`).
+        items: variant key -> task -> metric -> per-document values in document order, for the
+            metrics whose harness score is the mean over documents (acc, acc_norm, exact_match):
+            what paired comparisons between variants are computed from (`paired_difference`).
     """
 
     scores: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    items: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
     samples: dict[str, int] = field(default_factory=dict)
     higher_is_better: dict[str, dict[str, bool]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -526,7 +530,7 @@ def evaluate_tasks(
             limit=limit,
             num_fewshot=num_fewshot,
             bootstrap_iters=0,
-            log_samples=False,
+            log_samples=True,
             verbosity="WARNING",
         )
         out.seconds[v.key] = time.perf_counter() - t0
@@ -546,10 +550,55 @@ def evaluate_tasks(
             if n:
                 out.samples[task] = int(n.get("effective", n.get("original", 0)))
         out.scores[v.key] = scores
+        out.items[v.key] = _per_document(res.get("samples") or {}, scores)
         if log:
             summary = ", ".join(f"{t}: " + "/".join(f"{m} {x:.4g}" for m, x in s.items()) for t, s in scores.items())
             log(f"[eval] {v.key:<18} {out.seconds[v.key]:6.1f} s  {summary}")
     return out
+
+
+def _per_document(samples: Mapping[str, Sequence[Mapping[str, Any]]], scores: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, list[float]]]:
+    """task -> metric -> values per document (by doc_id), kept only where their mean is the harness's score."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for task, docs in samples.items():
+        if task not in scores or not docs:
+            continue
+        docs = sorted(docs, key=lambda d: d.get("doc_id", 0))
+        for name, score in scores[task].items():
+            values = [d.get(name) for d in docs]
+            if not all(isinstance(x, (int, float)) for x in values):
+                continue  # e.g. perplexity: per document a (loglikelihood, length) pair
+            values = [float(x) for x in values]
+            if abs(sum(values) / len(values) - score) <= 1e-9 * max(1.0, abs(score)):
+                out.setdefault(task, {})[name] = values
+    return out
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
+    """Mean of a - b over the same documents, with its standard error.
+
+    Two variants scored on the same items are compared item by item: the standard error of
+    the mean difference is std(a_i - b_i) / sqrt(n), much smaller than that of either score
+    when both get mostly the same items right, and the honest scale for "does A beat B".
+
+    Args:
+        a, b: Per-document values (e.g. 0/1 correctness) of two variants, same documents in the same order.
+
+    Returns:
+        {"diff": mean(a - b), "se": its standard error (nan for n < 2), "n": n,
+        "wins": documents where a > b, "losses": where a < b}.
+
+    Example:
+        >>> paired_difference([1, 1, 0, 1], [1, 0, 0, 0])["diff"]
+        0.5
+    """
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired_difference needs two equally long, non-empty sequences, got {len(a)} and {len(b)} values")
+    d = [float(x) - float(y) for x, y in zip(a, b)]
+    n = len(d)
+    mean = sum(d) / n
+    se = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n) if n > 1 else float("nan")
+    return {"diff": mean, "se": se, "n": n, "wins": sum(x > 0 for x in d), "losses": sum(x < 0 for x in d)}
 
 
 # ------------------------------------------------------------------ report
@@ -578,6 +627,9 @@ class ReportRow:
         speedup: measured speed-up from `balcony bench`, when given.
         ideal_speedup: compute of the full model / compute of this row (layers, exit, norm and LM head).
         metrics: task -> every metric the harness reported (unscaled).
+        paired: task -> metric -> `paired_difference` of this row against plain early exit at
+            the same layer over the same documents ("diff"/"se" in points where the column is a
+            percentage), plus "against": that row's key. Empty for the full model and early exit.
     """
 
     key: str
@@ -592,6 +644,7 @@ class ReportRow:
     speedup: float | None = None
     ideal_speedup: float = 1.0
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    paired: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -654,7 +707,21 @@ class EvalReport:
         cols, rows = self.columns(), self.records()
         widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
         line = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-        return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in rows])
+        return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in rows] + self.paired_lines())
+
+    def paired_lines(self) -> list[str]:
+        """Each row against plain early exit at its layer, item by item: difference +- standard error."""
+        lines = []
+        for r in self.rows:
+            for t, by_metric in r.paired.items():
+                for name, p in by_metric.items():
+                    label = _task_label(t, name, self.percent.get(t, False))
+                    lines.append(f"  {r.key:<14} {label:<22} {p['diff']:+.2f} +- {p['se']:.2f}  "
+                                 f"({p['wins']} items won, {p['losses']} lost of {p['n']})")
+        if lines:
+            against = "paired: each row minus plain early exit at the same layer, on the same items (diff +- standard error)"
+            lines = ["", against] + lines
+        return lines
 
     def to_markdown(self) -> str:
         """A GitHub Markdown table."""
@@ -810,6 +877,22 @@ def make_report(
     full_avg = rows[0].average if rows and variants[0].full else None
     for r in rows:
         r.drop = None if r.average is None or full_avg is None else r.average - full_avg
+    if task_results and task_results.items:
+        twins = {v.layer: v.key for v in variants if v.method == EARLY_EXIT}
+        for r in rows:
+            twin = twins.get(r.layer)
+            if r.method in (FULL, EARLY_EXIT) or twin is None:
+                continue
+            mine, theirs = task_results.items.get(r.key, {}), task_results.items.get(twin, {})
+            for t in tasks:
+                for name in sorted(set(mine.get(t, {})) & set(theirs.get(t, {}))):
+                    a, b = mine[t][name], theirs[t][name]
+                    if len(a) != len(b):
+                        continue
+                    p = paired_difference(a, b)
+                    if percent[t]:
+                        p["diff"], p["se"] = 100 * p["diff"], 100 * p["se"]
+                    r.paired.setdefault(t, {})[name] = {**p, "against": twin}
     order = {m: i for i, m in enumerate(dict.fromkeys(v.method for v in variants))}
     rows.sort(key=lambda r: (r.key != FULL, order[r.method], r.layer))
     return EvalReport(rows=rows, tasks=tasks, shown=shown, percent=percent, meta=dict(meta or {}))
