@@ -3,7 +3,8 @@
     python benchmarks/train_throughput.py                  # embedded model, B=8, S=256, 3 exits
     python benchmarks/train_throughput.py --steps 3 --batch-size 2 --seq-len 64   # a quick look
 
-What it prints (warm-up steps excluded, medians over the timed steps):
+What it prints (warm-up steps excluded, medians over the timed steps; forward, train and cached
+steps are timed in turns, one of each per round, so a drift in machine speed hits all alike):
 - forward: a frozen no-grad forward of the base at the same batch (tokens/s);
 - limit: that throughput scaled by the FLOP ratio
   forward / (forward + E x (exit layer fwd+bwd + LM head fwd + head input-grad bwd)),
@@ -41,15 +42,22 @@ def flops_per_token(model, n_exits: int, seq_len: int) -> tuple[float, float]:
     return fwd, extra
 
 
-def median_time(fn, steps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def median_times(fns: dict, steps: int, warmup: int) -> dict:
+    """Median seconds of each function, timed in turns (one call of each per round).
+
+    Interleaving keeps the ratios honest on a machine whose speed drifts: a slow spell
+    slows every function alike instead of whichever happened to run then.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def build(n_exits: int, args):
@@ -135,21 +143,20 @@ def main() -> None:
     b, s = args.batch_size, args.seq_len
     tokens = b * s
     ids = torch.randint(0, model.base.config.vocab_size, (b, s))
-    with torch.no_grad():
-        t_fwd = median_time(lambda: model.base(ids), args.steps, args.warmup)
-    fwd_tps = tokens / t_fwd
-    fwd_flops, extra_flops = flops_per_token(model, args.exits, s)
-    limit = fwd_tps * fwd_flops / (fwd_flops + extra_flops)
-
-    model.train()
-    t_train = median_time(train_step_fn(objective, opt, {"input_ids": ids}), args.steps, args.warmup)
-    train_tps = tokens / t_train
-
     rows = PackedData(ids.int(), torch.arange(s).repeat(b, 1).int())
     feats = build_feature_cache(model, rows, batch_size=b, progress=False)
     cached_batch = feats.batch(torch.arange(b), torch.float32)
-    t_cached = median_time(train_step_fn(objective, opt, cached_batch), args.steps, args.warmup)
-    cached_tps = tokens / t_cached
+
+    def forward():
+        with torch.no_grad():
+            model.base(ids)
+
+    model.train()
+    t = median_times({"forward": forward, "train": train_step_fn(objective, opt, {"input_ids": ids}),
+                      "cached": train_step_fn(objective, opt, cached_batch)}, args.steps, args.warmup)
+    fwd_tps, train_tps, cached_tps = tokens / t["forward"], tokens / t["train"], tokens / t["cached"]
+    fwd_flops, extra_flops = flops_per_token(model, args.exits, s)
+    limit = fwd_tps * fwd_flops / (fwd_flops + extra_flops)
 
     result = {
         "model": model.config.base_model_name_or_path, "exits": model.config.exit_layers, "batch": [b, s],
