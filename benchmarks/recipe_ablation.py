@@ -84,12 +84,14 @@ def main() -> None:
 
     from transformers import get_cosine_schedule_with_warmup
 
-    from balcony.data import epoch_order
-    from balcony.features import build_feature_cache
-    from balcony.losses import teacher_vocab
-    from balcony.metrics import distill_metrics
-    from balcony.training import DistillObjective, TrainConfig, build_training_model, load_training_data
-    from balcony.warmstart import lstsq_warm_start
+    from balcony.training.data import epoch_order
+    from balcony.training.features import build_feature_cache
+    from balcony.training.losses import teacher_vocab
+    from balcony.training.evaluate import distill_metrics
+    from balcony.training.objective import DistillObjective
+    from balcony.training.config import TrainConfig
+    from balcony.training.loop import build_training_model, load_training_data
+    from balcony.training.warmstart import lstsq_warm_start
 
     base_cfg = dict(model=args.model, dataset=args.dataset, exit_layers=[args.exit], seq_len=args.seq_len, batch_size=args.batch_size,
                     eval_tokens=args.eval_tokens, corpus_tokens=max(args.tokens + args.eval_tokens, 300_000), progress=False)
@@ -104,8 +106,8 @@ def main() -> None:
     eval_batches = [eval_rows[slice(s, s + args.batch_size)] for s in range(0, len(eval_rows), args.batch_size)]
     text_batches = []
     if args.text:  # packed like the held-out rows, so both are scored the same way
-        from balcony.data import tokenize_and_pack
-        from balcony.evaluation import load_texts
+        from balcony.training.packing import tokenize_and_pack
+        from balcony.eval.texts import load_texts
 
         text_rows = tokenize_and_pack(load_texts(args.text), tok, args.seq_len, max_tokens=args.eval_tokens)
         if len(text_rows) == 0:

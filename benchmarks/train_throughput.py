@@ -62,12 +62,13 @@ def median_times(fns: dict, steps: int, warmup: int) -> dict:
 
 def build(n_exits: int, args):
     from balcony import BalconyConfig, BalconyModel, load_base
-    from balcony.training import DistillObjective, TrainConfig
+    from balcony.training.objective import DistillObjective
+    from balcony.training.config import TrainConfig
 
     base, _ = load_base(args.model)
     layers = [14, 17, 20][:n_exits] if args.model is None else None
     if layers is None:
-        from balcony.loading import default_exit_layers
+        from balcony.modeling.loading import default_exit_layers
 
         layers = default_exit_layers(base.config.num_hidden_layers)[:n_exits]
     model = BalconyModel(base, BalconyConfig(exit_layers=layers))
@@ -136,8 +137,8 @@ def main() -> None:
         memory_probe(args)
         return
 
-    from balcony.features import build_feature_cache
-    from balcony.data import PackedData
+    from balcony.training.features import build_feature_cache
+    from balcony.training.packing import PackedData
 
     model, objective, opt = build(args.exits, args)
     b, s = args.batch_size, args.seq_len

@@ -24,10 +24,6 @@ def tiny_dir(tmp_path, tiny_tokenizer_dir):
 
 
 def test_parser_is_built_from_signatures():
-    from balcony.cli import load_commands
-
-    load_commands()
-
     parser = build_parser()
     args = parser.parse_args(["generate", "hello", "--budget", "S", "--max-new-tokens", "3", "--sample"])
     assert args.prompt == "hello" and args.budget == "S" and args.max_new_tokens == 3 and args.sample is True

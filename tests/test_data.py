@@ -8,17 +8,10 @@ import datasets
 import pytest
 import torch
 
-from balcony import data as data_mod
-from balcony.data import (
-    DataConfig,
-    PackedData,
-    batches_per_epoch,
-    chat_to_text,
-    iterate_batches,
-    load_texts,
-    prepare_data,
-    tokenize_and_pack,
-)
+from balcony.training import data as data_mod
+from balcony.training.data import DataConfig, batches_per_epoch, iterate_batches, prepare_data
+from balcony.training.packing import PackedData, tokenize_and_pack
+from balcony.training.sources import chat_to_text, load_texts
 
 EOS = 256  # tiny_tokenizer: token id == byte value, EOS 256, pad 257, <|im_start|> 258, <|im_end|> 259
 

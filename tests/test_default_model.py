@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from balcony import BalconyConfig, BalconyModel, loading
+from balcony import BalconyConfig, BalconyModel
+from balcony.modeling import loading
 
 
 @pytest.mark.slow

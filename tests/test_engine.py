@@ -7,14 +7,9 @@ import torch
 from tiny_models import FAMILIES, VOCAB, tiny_base, tiny_hf_tokenizer
 
 from balcony import BalconyConfig, BalconyModel
-from balcony.engine import (
-    budget_slots,
-    decode_one_token,
-    generate,
-    generate_stream,
-    new_state,
-    prefill,
-)
+from balcony.inference.cache import budget_slots
+from balcony.inference.engine import decode_one_token, generate, generate_stream, prefill
+from balcony.inference.spans import new_state
 
 EXITS = [2, 3, 5]
 
@@ -89,7 +84,7 @@ def test_one_token_fast_path_is_bit_identical_to_the_hf_layers(family, kv_heads)
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
 def test_few_token_fast_path_matches_the_hf_layers(family):
     # Verify passes run a few tokens at once after a prefix (`_decode_layer` with T > 1): same result as HF's layers.
-    from balcony.engine import forward_budget
+    from balcony.inference.engine import forward_budget
 
     model = make(family)
     x = torch.cat([ids(1, 9, seed=1), torch.cat([torch.zeros(1, 2, dtype=torch.long), ids(1, 7, seed=2)], 1)])
@@ -168,7 +163,7 @@ def test_sampling_is_reproducible_and_top_k_1_is_greedy():
 
 @pytest.mark.parametrize("top_k,top_p", [(4, 1.0), (5, 0.7), (9, 0.9)])
 def test_top_k_fast_path_draws_from_the_filtered_distribution(top_k, top_p):
-    from balcony.generation import SamplingConfig, logits_to_probs, sample
+    from balcony.inference.sampling import SamplingConfig, logits_to_probs, sample
 
     # With top_k set, `sample` draws among the k candidates only; its frequencies must match
     # the full-vocabulary filtered distribution of `logits_to_probs` (no tokens outside it).
@@ -267,7 +262,8 @@ def test_empty_prompts_are_refused():
 
 
 def test_bench_runs_on_a_tiny_model(tmp_path):
-    from balcony.bench import format_table, plot, run_bench
+    from balcony.bench.report import format_table, plot
+    from balcony.bench.speed import run_bench
 
     tok = tiny_hf_tokenizer()
     model = BalconyModel(tiny_base(vocab_size=len(tok)), BalconyConfig(exit_layers=EXITS))

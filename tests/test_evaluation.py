@@ -21,18 +21,16 @@ from balcony import BalconyConfig, BalconyModel
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from balcony import evaluation  # noqa: E402
-from balcony.evaluation import (  # noqa: E402
-    build_variants,
-    distillation_metrics,
-    evaluate_tasks,
-    exit_hidden_states,
-    run_evaluation,
-)
-from balcony.lm_eval_model import BalconyLM  # noqa: E402
-from balcony.losses import kl_per_token  # noqa: E402
-from balcony.plots import match_speedup, read_bench  # noqa: E402
-from balcony.tasks import parse_task_data, prepare_tasks  # noqa: E402
+from balcony import eval as evaluation  # noqa: E402
+from balcony.eval.texts import load_texts  # noqa: E402
+from balcony.eval.variants import build_variants, exit_hidden_states  # noqa: E402
+from balcony.eval.texts import distillation_metrics  # noqa: E402
+from balcony.eval.harness import evaluate_tasks  # noqa: E402
+from balcony.eval.run import run_evaluation  # noqa: E402
+from balcony.eval.lm_eval_model import BalconyLM  # noqa: E402
+from balcony.metrics import kl_per_token  # noqa: E402
+from balcony.eval.plots import match_speedup, read_bench  # noqa: E402
+from balcony.eval.tasks import parse_task_data, prepare_tasks  # noqa: E402
 
 WORDS = "hello world the a of and to is in it".split() + [f"w{i}" for i in range(40)]
 N_LAYERS = 6
@@ -224,7 +222,7 @@ def test_budget_and_exit_kind_arguments(tiny):
 @pytest.mark.slow
 def test_lm_eval_command_line_wrapper(tiny, tmp_path, monkeypatch, capsys):
     """`python -m balcony.lm_eval_model ...` is the lm_eval CLI with `balcony` registered."""
-    from balcony.lm_eval_model import main
+    from balcony.eval.lm_eval_model import main
 
     monkeypatch.chdir(tmp_path)
     main([
@@ -296,14 +294,14 @@ def test_distillation_metrics(tiny, loaded):
 
 def test_load_texts(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "one"}\n\n{"content": "two"}\n')
-    assert evaluation.load_texts(tmp_path / "a.jsonl") == ["one", "two"]
+    assert load_texts(tmp_path / "a.jsonl") == ["one", "two"]
     (tmp_path / "b.txt").write_text("first para\nstill first\n\nsecond\n")
-    assert evaluation.load_texts(str(tmp_path / "b.txt")) == ["first para\nstill first", "second"]
+    assert load_texts(str(tmp_path / "b.txt")) == ["first para\nstill first", "second"]
     (tmp_path / "c.jsonl").write_text('{"title": "no text"}\n')
     with pytest.raises(ValueError, match="line 1 has no 'text' field"):
-        evaluation.load_texts(tmp_path / "c.jsonl")
+        load_texts(tmp_path / "c.jsonl")
     with pytest.raises(FileNotFoundError, match="missing.txt"):
-        evaluation.load_texts(tmp_path / "missing.txt")
+        load_texts(tmp_path / "missing.txt")
 
 
 # ---------------------------------------------------------- table and plots

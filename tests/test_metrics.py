@@ -7,9 +7,9 @@ import torch
 from tiny_models import tiny_base
 
 from balcony import BalconyConfig, BalconyModel
-from balcony.data import PackedData
-from balcony.features import build_feature_cache
-from balcony.metrics import distill_metrics
+from balcony.training.packing import PackedData
+from balcony.training.features import build_feature_cache
+from balcony.training.evaluate import distill_metrics
 
 
 @pytest.fixture(scope="module")

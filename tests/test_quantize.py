@@ -9,18 +9,8 @@ import torch
 from tiny_models import VOCAB, tiny_base, tiny_hf_tokenizer
 
 from balcony import BalconyConfig, BalconyModel
-from balcony.engine import generate
-from balcony.quantize import (
-    Int4Linear,
-    Int8Linear,
-    head_rows,
-    is_quantized,
-    parse_mode,
-    quantization_of,
-    quantize_int8,
-    quantize_linear,
-    quantize_model,
-)
+from balcony.inference.engine import generate
+from balcony.inference.quantize import Int4Linear, Int8Linear, head_rows, is_quantized, parse_mode, quantization_of, quantize_int8, quantize_linear, quantize_model
 
 EXITS = [2, 3, 5]
 
@@ -168,7 +158,8 @@ def test_speculative_on_a_quantized_model_equals_its_greedy():
 
 # ------------------------------------------------------------------------ bench and CLI
 def test_bench_reports_the_quantized_model(tmp_path):
-    from balcony.bench import format_table, run_bench
+    from balcony.bench.report import format_table
+    from balcony.bench.speed import run_bench
 
     tok = tiny_hf_tokenizer()
     model = BalconyModel(tiny_base(vocab_size=len(tok)), BalconyConfig(exit_layers=EXITS))

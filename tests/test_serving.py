@@ -20,10 +20,12 @@ import torch
 from tiny_models import tiny_base, tiny_hf_tokenizer
 
 from balcony import BalconyConfig, BalconyModel
-from balcony import serving
-from balcony.generation import generate
-from balcony.serving import ServeConfig, TextStream, create_app
-from balcony.serving_policy import AutoBudgetPolicy, PolicyConfig
+from balcony.serving import scheduler as serving
+from balcony.inference.engine import generate
+from balcony.serving.config import ServeConfig
+from balcony.serving.text import TextStream
+from balcony.serving.app import create_app
+from balcony.serving.policy import AutoBudgetPolicy, PolicyConfig
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")

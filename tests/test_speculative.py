@@ -9,11 +9,11 @@ import pytest
 import torch
 from tiny_models import VOCAB, tiny_base
 
-import balcony.speculative as spec
+import balcony.inference.speculative as spec
 from balcony import BalconyConfig, BalconyModel
-from balcony.engine import generate
-from balcony.generation import SamplingConfig
-from balcony.speculative import SpeculativeStats, accept_drafts, speculative_generate, speculative_stream
+from balcony.inference.engine import generate
+from balcony.inference.sampling import SamplingConfig
+from balcony.inference.speculative import SpeculativeStats, accept_drafts, speculative_generate, speculative_stream
 
 EXITS = [2, 3, 5]
 

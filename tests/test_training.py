@@ -14,8 +14,11 @@ import torch
 from safetensors.torch import load_file
 from tiny_models import tiny_base, tiny_hf_tokenizer
 
-from balcony import BalconyModel, training
-from balcony.training import CONFIG_DIR, TrainConfig, parse_overrides, train
+from balcony import BalconyConfig, BalconyModel
+from balcony.training.loop import load_training_data
+from balcony.training.objective import DistillObjective
+from balcony.training.config import CONFIG_DIR, TrainConfig, parse_overrides
+from balcony.training.loop import train
 
 WORDS = "hello world the a of and to is in it".split() + [f"w{i}" for i in range(40)]
 
@@ -72,7 +75,7 @@ def base_state(model_dir: Path) -> dict[str, torch.Tensor]:
          "cached-lstsq-loss-vocab", "loss-vocab-uncached"],
 )
 def test_every_exit_parameter_changes_and_base_is_bitwise_unchanged(tiny_setup, tmp_path, kw):
-    before = BalconyModel(tiny_base(vocab_size=54), training.BalconyConfig(exit_layers=[2, 4], **{k: v for k, v in kw.items() if k in ("exit_kind", "init")}))
+    before = BalconyModel(tiny_base(vocab_size=54), BalconyConfig(exit_layers=[2, 4], **{k: v for k, v in kw.items() if k in ("exit_kind", "init")}))
     start = {k: v.clone() for k, v in before.exit_state_dict().items()}
     captured = {}
     real_save = BalconyModel.save_pretrained
@@ -108,13 +111,13 @@ def test_recipes_that_train_the_base_change_it(tiny_setup, tmp_path, recipe):
     changed = [k for k in ref if k in saved and not torch.equal(saved[k], ref[k])]
     assert len(changed) > len(ref) // 2
     if recipe == "sorted":  # no exit modules: exits are norm-only and read the shared final norm
-        cfgjson = training.BalconyConfig.load(tmp_path / "run")
+        cfgjson = BalconyConfig.load(tmp_path / "run")
         assert cfgjson.exit_kind == "norm"
 
 
 def test_checkpointed_exits_give_the_same_gradients(tiny_setup):
     from balcony import BalconyConfig
-    from balcony.training import DistillObjective
+    from balcony.training.objective import DistillObjective
 
     torch.manual_seed(0)
     base = tiny_base(vocab_size=54)
@@ -139,7 +142,7 @@ def test_checkpointed_exits_give_the_same_gradients(tiny_setup):
 
 def test_cached_features_run_the_held_out_frozen_pass_once(tiny_setup, tmp_path, monkeypatch):
     """With cache_features, evaluations reuse one held-out frozen pass and score as an uncached evaluation does."""
-    from balcony.metrics import distill_metrics
+    from balcony.training.evaluate import distill_metrics
 
     calls = {"n": 0}
     real = BalconyModel.base_pass
@@ -153,7 +156,7 @@ def test_cached_features_run_the_held_out_frozen_pass_once(tiny_setup, tmp_path,
     result = train(c)
     monkeypatch.setattr(BalconyModel, "base_pass", real)
     model = BalconyModel.from_pretrained(tiny_base(vocab_size=54), tmp_path / "run").eval()
-    train_rows, eval_rows = training.load_training_data(c, tiny_hf_tokenizer(), model)
+    train_rows, eval_rows = load_training_data(c, tiny_hf_tokenizer(), model)
     batches = -(-len(train_rows) // c.batch_size) + -(-len(eval_rows) // c.batch_size)
     assert calls["n"] == batches  # one pass over each split; the six evaluations ran no base layer
     ref = distill_metrics(model, [eval_rows[slice(s, s + c.batch_size)] for s in range(0, len(eval_rows), c.batch_size)])
@@ -167,7 +170,7 @@ def test_kill_and_resume_gives_the_same_exits(tiny_setup, tmp_path, monkeypatch)
     for kw in ({}, {"cache_features": True, "warmup_loss": "logit_mse", "warmup_fraction": 0.3, "warm_start": "lstsq", "loss_vocab": 20}):
         full, killed = tmp_path / f"full{len(kw)}", tmp_path / f"killed{len(kw)}"
         train(cfg(tiny_setup, full, max_steps=10, **kw))
-        real = training.DistillObjective.forward
+        real = DistillObjective.forward
         calls = {"n": 0}
 
         def dies(self, *a, **k):
@@ -176,10 +179,10 @@ def test_kill_and_resume_gives_the_same_exits(tiny_setup, tmp_path, monkeypatch)
                 raise KeyboardInterrupt
             return real(self, *a, **k)
 
-        monkeypatch.setattr(training.DistillObjective, "forward", dies)
+        monkeypatch.setattr(DistillObjective, "forward", dies)
         with pytest.raises(KeyboardInterrupt):
             train(cfg(tiny_setup, killed, max_steps=10, **kw))
-        monkeypatch.setattr(training.DistillObjective, "forward", real)
+        monkeypatch.setattr(DistillObjective, "forward", real)
         assert (killed / "checkpoint-7").is_dir() and (killed / "checkpoint-6").is_dir()
         shutil.rmtree(killed / "checkpoint-7")  # a hard kill saves nothing: resume from the periodic checkpoint
         train(cfg(tiny_setup, killed, max_steps=10, **kw))
@@ -190,7 +193,7 @@ def test_kill_and_resume_gives_the_same_exits(tiny_setup, tmp_path, monkeypatch)
 def test_one_exit_at_a_time_and_adding_an_exit_later(tiny_setup, tmp_path):
     train(cfg(tiny_setup, tmp_path / "first", exit_layers=[2, 4], train_exits=[2]))
     w = exit_weights(tmp_path / "first")
-    fresh = BalconyModel(tiny_base(vocab_size=54), training.BalconyConfig(exit_layers=[2, 4])).exit_state_dict()
+    fresh = BalconyModel(tiny_base(vocab_size=54), BalconyConfig(exit_layers=[2, 4])).exit_state_dict()
     assert all(torch.equal(w[k], fresh[k]) for k in w if k.startswith("exits.4."))
     assert not all(torch.equal(w[k], fresh[k]) for k in w if k.startswith("exits.2."))
     # Add exit 3 and train it alone: exits 2 and 4 stay exactly as they were.
@@ -216,7 +219,7 @@ def test_bad_input_is_named_and_nothing_is_overwritten(tiny_setup, tmp_path):
         train(cfg(tiny_setup, out, dataset=str(tmp_path / "nope.txt")))
     # Exits saved for another base.
     other = tmp_path / "other-exits"
-    BalconyModel(tiny_base(hidden_size=48, vocab_size=54), training.BalconyConfig(exit_layers=[2])).save_pretrained(other)
+    BalconyModel(tiny_base(hidden_size=48, vocab_size=54), BalconyConfig(exit_layers=[2])).save_pretrained(other)
     with pytest.raises(ValueError, match="hidden_size: exits have 48, base has 32"):
         train(cfg(tiny_setup, out, exits_from=str(other)))
     assert sorted(os.listdir(out)) == ["keep.txt", "train_config.json"] or (out / "keep.txt").read_text() == "precious"
@@ -227,8 +230,9 @@ def test_loss_vocab_restricts_the_loss_and_is_kept_across_a_resume(tiny_setup, t
     import json
 
     from balcony import BalconyConfig
-    from balcony.losses import multi_exit_distill_loss, teacher_vocab
-    from balcony.training import DistillObjective
+    from balcony.training.chunked import multi_exit_distill_loss
+    from balcony.training.losses import teacher_vocab
+    from balcony.training.objective import DistillObjective
 
     # The objective with a loss vocabulary equals the loss through a head cut to those rows.
     torch.manual_seed(0)

@@ -7,9 +7,9 @@ import torch
 from tiny_models import tiny_base
 
 from balcony import BalconyConfig, BalconyModel
-from balcony.data import PackedData
-from balcony.features import build_feature_cache
-from balcony.warmstart import lstsq_warm_start
+from balcony.training.packing import PackedData
+from balcony.training.features import build_feature_cache
+from balcony.training.warmstart import lstsq_warm_start
 
 
 def _setup(kind: str = "decoder"):

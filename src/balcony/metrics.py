@@ -1,107 +1,127 @@
-"""Distillation metrics of every exit against the full model, from one frozen pass per batch."""
+"""How close an exit is to the full model: KL, top-1 agreement and perplexity (the only code that measures them).
+
+Training (`balcony.training.evaluate`) and evaluation (`balcony.eval.texts`) both
+feed `DistillScores`; the per-token functions below are for tests and notebooks.
+Conventions: logits are (..., V); KL is KL(p_full || q_exit) in nats per token,
+the direction the paper distils in.
+"""
 
 from __future__ import annotations
 
-from typing import Iterable
+import math
+from typing import Callable, Hashable, Mapping
 
 import torch
-
-from .model import BalconyModel
+from torch import Tensor
 
 
 @torch.no_grad()
-def distill_metrics(
-    model: BalconyModel,
-    batches: Iterable[dict[str, torch.Tensor]],
-    *,
-    exits: list[int] | None = None,
-    chunk_size: int = 512,
-    progress: bool = False,
-) -> dict[int, dict[str, float]]:
-    """Per exit: KL(full || exit) in nats/token, top-1 agreement with the full model, and perplexity.
-
-    One `distill_forward` per batch feeds every exit; logits are formed `chunk_size`
-    tokens at a time, so memory never holds (tokens x vocab) for all exits. The full
-    model appears under key N with KL 0 and agreement 1. A batch that carries a cached
-    frozen pass (``taps`` and ``teacher``, as `balcony.features.FeatureCache.batch`
-    gives) runs only the exit modules: the same numbers, without the base.
-
-    Args:
-        model: The Balcony model.
-        batches: Dicts with ``input_ids`` (B, T) and optionally ``position_ids``,
-            ``attention_mask`` and ``labels`` (-100 where a token does not count;
-            perplexity uses labels[t + 1] as the target of position t); optionally
-            ``taps`` ({exit layer: (B, T, H)}, every scored exit) and ``teacher`` (B, T, H).
-        exits: Exit layers to score (default: all).
-        chunk_size: Tokens per logits chunk.
-        progress: Show a progress bar.
-
-    Returns:
-        {exit layer: {"kl": ..., "agreement": ..., "ppl": ..., "tokens": ...}}.
+def kl_per_token(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """KL(p_teacher || q_student) per token: (..., V) x (..., V) -> (...), at least float32.
 
     Example:
-        >>> distill_metrics(model, [{"input_ids": ids}])  # doctest: +SKIP
-        {14: {'kl': 1.9, 'agreement': 0.41, 'ppl': 48.0, 'tokens': 2048}, ..., 30: {...}}
+        >>> x = torch.randn(2, 5)
+        >>> float(kl_per_token(x, x).abs().max()) < 1e-6
+        True
     """
-    exits = sorted(model.config.exit_layers if exits is None else exits)
-    head = model.parts.lm_head
-    n_layers = model.num_layers
-    keys = exits + ([n_layers] if n_layers not in exits else [])
-    sums = {j: {"kl": 0.0, "agree": 0.0, "nll": 0.0, "tokens": 0, "ppl_tokens": 0} for j in keys}
-    if progress:
-        from tqdm.auto import tqdm
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    log_q = torch.log_softmax(student_logits.to(dtype), dim=-1)
+    log_p = torch.log_softmax(teacher_logits.to(dtype), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
 
-        batches = tqdm(batches, desc="distill metrics", unit="batch")
-    for batch in batches:
-        ids = batch["input_ids"]
-        if "taps" in batch:
-            missing = [j for j in exits if j not in batch["taps"]]
-            if missing:
-                raise ValueError(f"the cached batch has no hidden states for exit(s) {missing}; it has {sorted(batch['taps'])}")
-            exit_hidden = model.run_exits({j: batch["taps"][j] for j in exits}, batch.get("attention_mask"), batch.get("position_ids"))
-            teacher = batch["teacher"]
-        else:
-            out = model.distill_forward(ids, batch.get("attention_mask"), batch.get("position_ids"), exits=exits)
-            exit_hidden, teacher = out.exit_hidden, out.teacher_hidden
-        mask = batch.get("attention_mask")
-        mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-        labels = batch.get("labels", ids)
-        # Next-token targets: position t predicts labels[t + 1].
-        target = torch.full_like(ids, -100)
-        target[:, :-1] = labels[:, 1:]
-        h_t = teacher.reshape(-1, teacher.shape[-1])
-        states = {j: exit_hidden[j].reshape(-1, h_t.shape[-1]) for j in exits}
-        states.setdefault(n_layers, h_t)
-        flat_mask, flat_target = mask.reshape(-1), target.reshape(-1)
-        for s in range(0, h_t.shape[0], chunk_size):
-            m = flat_mask[s : s + chunk_size]
-            tgt = flat_target[s : s + chunk_size]
-            valid = (tgt != -100) & m
-            t_logits = head(h_t[s : s + chunk_size]).float()
-            t_top = t_logits.argmax(-1)
-            log_p = t_logits.log_softmax(-1)  # the teacher's, shared by every exit of the chunk
-            p = log_p.exp()
-            for j, h in states.items():
-                acc = sums[j]
-                if h is h_t:  # the full model itself: KL 0, agreement 1
-                    log_q = log_p
-                    acc["agree"] += m.sum().item()
-                else:
-                    logits = head(h[s : s + chunk_size]).float()
-                    log_q = logits.log_softmax(-1)
-                    acc["kl"] += ((p * (log_p - log_q)).sum(-1) * m).sum().item()
-                    acc["agree"] += ((logits.argmax(-1) == t_top) & m).sum().item()
+
+@torch.no_grad()
+def top1_agreement(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Fraction of counted tokens whose student and teacher argmax agree (0 if none counted).
+
+    Args:
+        student_logits: (..., V).
+        teacher_logits: (..., V), same shape.
+        mask: optional (...) bool; False tokens are skipped.
+
+    Returns:
+        A float32 scalar in [0, 1].
+    """
+    same = student_logits.argmax(-1) == teacher_logits.argmax(-1)
+    if mask is None:
+        return same.float().mean()
+    mask = mask.to(torch.bool)
+    return (same & mask).sum().float() / mask.sum().clamp_min(1).float()
+
+
+class DistillScores:
+    """Running KL / top-1 agreement / next-token NLL of several students against one teacher.
+
+    `update` takes the normed hidden states (rows of tokens) and the shared LM head,
+    and forms logits `chunk` rows at a time, the teacher's once per chunk, so memory
+    never holds (tokens x vocab) for more than one student. A student whose rows
+    *are* the teacher's (the full model) is scored like any other.
+
+    Example:
+        >>> head = torch.nn.Linear(4, 7, bias=False)
+        >>> h = torch.randn(6, 4)
+        >>> s = DistillScores()
+        >>> s.update(h, {"same": h, "other": torch.randn(6, 4)}, head)
+        >>> round(s.result()["same"]["kl"], 6), s.result()["same"]["agreement"]
+        (0.0, 1.0)
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[Hashable, dict[str, float]] = {}
+
+    @torch.no_grad()
+    def update(
+        self,
+        teacher: Tensor,
+        students: Mapping[Hashable, Tensor],
+        head: Callable[[Tensor], Tensor],
+        *,
+        targets: Tensor | None = None,
+        mask: Tensor | None = None,
+        chunk: int = 512,
+    ) -> None:
+        """Add a batch of token rows.
+
+        Args:
+            teacher: (N, H) the full model's normed state per token.
+            students: key -> (N, H) a student's normed state for the same tokens.
+            head: The LM head, (n, H) -> (n, V).
+            targets: (N,) next-token ids, -100 where a token has none (for perplexity).
+            mask: (N,) bool, False for tokens that do not count (padding).
+            chunk: Rows per logits chunk.
+        """
+        n = teacher.shape[0]
+        keep = torch.ones(n, dtype=torch.bool, device=teacher.device) if mask is None else mask.reshape(-1).bool()
+        for key in students:
+            self._sums.setdefault(key, {"kl": 0.0, "agree": 0.0, "nll": 0.0, "tokens": 0, "targets": 0})
+        for s in range(0, n, chunk):
+            m = keep[s : s + chunk]
+            if not bool(m.any()):
+                continue
+            log_p = torch.log_softmax(head(teacher[s : s + chunk][m]).float(), dim=-1)  # (n, V)
+            p, top = log_p.exp(), log_p.argmax(-1)
+            tgt = None if targets is None else targets.reshape(-1)[s : s + chunk][m]
+            has = None if tgt is None else tgt != -100
+            for key, rows in students.items():
+                acc = self._sums[key]
+                log_q = torch.log_softmax(head(rows[s : s + chunk][m]).float(), dim=-1)
+                acc["kl"] += float((p * (log_p - log_q)).sum())
+                acc["agree"] += int((log_q.argmax(-1) == top).sum())
                 acc["tokens"] += int(m.sum())
-                if valid.any():
-                    acc["nll"] += -(log_q[valid].gather(-1, tgt[valid, None])).sum().item()
-                    acc["ppl_tokens"] += int(valid.sum())
-    result = {}
-    for j, acc in sums.items():
-        n = max(acc["tokens"], 1)
-        result[j] = {
-            "kl": acc["kl"] / n,
-            "agreement": acc["agree"] / n,
-            "ppl": float(torch.exp(torch.tensor(acc["nll"] / max(acc["ppl_tokens"], 1)))),
-            "tokens": acc["tokens"],
-        }
-    return result
+                if has is not None and bool(has.any()):
+                    acc["nll"] -= float(log_q[has].gather(-1, tgt[has, None]).sum())
+                    acc["targets"] += int(has.sum())
+
+    def result(self) -> dict[Hashable, dict[str, float]]:
+        """key -> {"kl": nats/token, "agreement": fraction, "nll": nats/token, "ppl": exp(nll), "tokens": counted}."""
+        out = {}
+        for key, acc in self._sums.items():
+            nll = acc["nll"] / max(acc["targets"], 1)
+            out[key] = {
+                "kl": acc["kl"] / max(acc["tokens"], 1),
+                "agreement": acc["agree"] / max(acc["tokens"], 1),
+                "nll": nll,
+                "ppl": math.exp(min(nll, 700.0)),
+                "tokens": int(acc["tokens"]),
+            }
+        return out

@@ -1,0 +1,85 @@
+"""`balcony bench`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from ..bench.report import format_table, plot
+from ..bench.speed import run_bench
+from ..inference.quantize import parse_mode
+from .common import build_model
+from .registry import command
+
+
+@command()
+def bench(
+    model: str | None = None,
+    exits: str | None = None,
+    exit_layers: list[int] | None = None,
+    exit_kind: str = "decoder",
+    max_new_tokens: int = 64,
+    prompt_tokens: int = 64,
+    repeats: int = 3,
+    draft_length: int = 1,
+    draft_threshold: float | None = 0.4,
+    draft_vocab: int | None = 8192,
+    draft_width: int = 1,
+    batch_size: int = 8,
+    threads: int = 0,
+    out: str = "runs/bench",
+    hf: bool = True,
+    speculative: bool = True,
+    quantize: str | None = None,
+    compile: bool = False,
+) -> int:
+    """Benchmark decoding: tok/s per budget vs ideal, HF generate, self-speculative decoding, memory.
+
+    Args:
+        model: Base model: hub id or local path (default: the embedded SmolLM2-135M-Instruct).
+        exits: Directory (or hub id) of trained exits; without it, fresh untrained exits are attached.
+        exit_layers: Exit layers for fresh exits (default: 14,17,20 on the embedded model).
+        exit_kind: Kind of fresh exits (decoder, mlp, attention, norm).
+        max_new_tokens: Tokens decoded per run (a CI-sized run: 8).
+        prompt_tokens: Prompt length in tokens.
+        repeats: Timed runs per configuration (median); a warm-up run is not timed.
+        draft_length: Tokens drafted per verify pass (ours and HF's). The defaults (1 token, threshold 0.4,
+            8192-token draft vocabulary) were the fastest measured with the trained SmolLM2 exits.
+        draft_threshold: Stop our drafts early below this exit top-1 probability (Kangaroo-style; 0: never).
+        draft_vocab: Our drafts choose among the first this many token ids (a cheaper draft head; 0: all).
+        draft_width: Candidates our drafts propose for one position (> 1: verified side by side; needs draft length 1).
+        batch_size: Batch size of the batched HF generate comparison.
+        threads: torch CPU threads (0: torch's default).
+        out: Directory for bench.json and bench.png.
+        hf: Include HF generate baselines.
+        speculative: Include self-speculative decoding.
+        quantize: Also run a weight-quantized copy (int8, int4) at full depth, through the engine and HF generate, with its quality.
+        compile: Also time full-depth decoding through torch.compile (inductor; compiling takes a minute or more on CPU).
+    """
+    from transformers.utils import logging as hf_logging
+
+
+    hf_logging.set_verbosity_error()  # assisted generation warns about its own internal arguments
+    if quantize:
+
+        parse_mode(quantize)  # a bad mode fails before the model loads
+    if threads:
+        torch.set_num_threads(threads)
+    m, tok, trained = build_model(model, exits, exit_layers, exit_kind)
+    print(f"[bench] exits {'trained' if trained else 'UNTRAINED (initialised from the last layer): speculative acceptance is low'}", file=sys.stderr)
+    result = run_bench(
+        m, tok, max_new_tokens=max_new_tokens, prompt_tokens=prompt_tokens, repeats=repeats, draft_length=draft_length,
+        draft_threshold=draft_threshold if draft_threshold and draft_threshold > 0 else None, draft_vocab=draft_vocab or None,
+        draft_width=draft_width, batch_size=batch_size, hf=hf, speculative=speculative, quantize=quantize, compile=compile, log=lambda s: print(s, file=sys.stderr),
+    )
+    result["exits_trained"] = trained
+    print(format_table(result))
+    directory = Path(out)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "bench.json").write_text(json.dumps(result, indent=2))
+    drawn = plot(result, directory / "bench.png")
+    print(f"\nwrote {directory / 'bench.json'}" + (f" and {directory / 'bench.png'}" if drawn else " (no chart: matplotlib is not installed)"))
+    return 0

@@ -1,0 +1,51 @@
+"""What several commands share: the model a command runs, and prompt encoding."""
+
+from __future__ import annotations
+
+import torch
+
+from ..inference.quantize import parse_mode
+from ..modeling.config import BalconyConfig
+from ..modeling.loading import (
+    DEFAULT_EXITS,
+    DEFAULT_MODEL,
+    default_exit_layers,
+    is_default,
+    load_base,
+)
+from ..modeling.model import BalconyModel
+
+
+def build_model(
+    model: str | None,
+    exits: str | None,
+    exit_layers: list[int] | None = None,
+    exit_kind: str = "decoder",
+    dtype: str = "float32",
+    device: str | None = None,
+    quantize: str | None = None,
+) -> tuple[BalconyModel, object, bool]:
+    """Base + exits for a command, weight-quantized if asked (`BalconyModel.quantize`); returns (model, tokenizer, trained?)."""
+    if quantize:
+
+        parse_mode(quantize)  # a bad mode fails before the model loads
+    base, tok = load_base(model, dtype=dtype, device=device)
+    if exits:
+        m, trained = BalconyModel.from_pretrained(base, exits), True
+    else:
+        n = base.config.num_hidden_layers
+        layers = exit_layers or (DEFAULT_EXITS[DEFAULT_MODEL] if is_default(model) else default_exit_layers(n))
+        m, trained = BalconyModel(base, BalconyConfig(exit_layers=layers, exit_kind=exit_kind)), False
+    if quantize:
+        m.quantize(quantize)
+    return m, tok, trained
+
+
+def encode_prompt(tok, prompt: str, chat: bool) -> torch.Tensor:
+    """Prompt -> (1, T) ids, through the chat template when asked and available."""
+    if not prompt.strip():
+        raise ValueError("the prompt is empty: give some text to continue")
+    if chat and getattr(tok, "chat_template", None):
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        return tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+    return tok(prompt, return_tensors="pt").input_ids

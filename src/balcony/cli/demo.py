@@ -1,0 +1,124 @@
+"""`balcony demo`, the main job on the embedded default: train exits, answer at every budget, evaluate.
+
+1. train the exits with the quick recipe (generated corpus, cached frozen pass),
+   printing per-exit KL / agreement with the full model before and after;
+2. answer one prompt at every budget with the trained exits, timing each;
+3. score every budget and plain early exit on the held-out text (and on tasks when
+   their data is at hand), writing the table and plots next to the exits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from ..eval.run import run_evaluation
+from ..modeling.cost import ideal_speedup
+from ..modeling.loading import load_base
+from ..modeling.model import BalconyModel
+from ..training.config import TrainConfig
+from ..training.loop import load_training_data, train
+from .common import encode_prompt
+from .registry import command
+
+DEMO_PROMPT = "Explain in two sentences why the sky is blue."
+
+
+def answer_at_every_budget(model, tok, prompt: str, max_new_tokens: int) -> list[dict]:
+    """Greedy answer per budget with decode speed and the speed-up over the full model."""
+
+    ids = encode_prompt(tok, prompt, chat=True)
+    model.generate(ids, exit=None, max_new_tokens=4)  # warm-up
+    rows = []
+    for name, j in model.budgets.items():
+        t0 = time.perf_counter()
+        out = model.generate(ids, exit=j, max_new_tokens=max_new_tokens, eos_token_id=None)
+        dt = time.perf_counter() - t0
+        text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).replace("\n", " ")
+        rows.append({"budget": name, "layer": j, "tokens_per_s": max_new_tokens / dt,
+                     "ideal_speedup": ideal_speedup(model, j), "text": text})
+    full = rows[-1]["tokens_per_s"]
+    for r in rows:
+        r["speedup"] = r["tokens_per_s"] / full
+    return rows
+
+
+def _hub_reachable(host: str = "huggingface.co") -> bool:
+    """Whether the hub's name resolves (offline machines skip the hub tasks instead of retrying)."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return False
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+
+
+@command()
+def demo(
+    config: str = "smollm2-quick",
+    output_dir: str = "runs/demo",
+    model: str | None = None,
+    prompt: str = DEMO_PROMPT,
+    max_new_tokens: int = 32,
+    evaluate: bool = True,
+    limit: int = 100,
+) -> int:
+    """The main job: train exits (quick recipe), answer at every budget, evaluate every budget.
+
+    Args:
+        config: Training config (a YAML file or a shipped config name).
+        output_dir: Where the exits, logs, table and plots go.
+        model: Base model (default: the embedded SmolLM2-135M-Instruct).
+        prompt: The prompt answered at every budget.
+        max_new_tokens: Tokens generated per budget.
+        evaluate: Score every budget and plain early exit at the end.
+        limit: Items per task when tasks are evaluated (data from $BALCONY_TASK_DATA, or the hub).
+    """
+
+    overrides = {"output_dir": output_dir}
+    if model is not None:
+        overrides["model"] = model
+    cfg = TrainConfig.from_yaml(config, overrides)
+    print(f"== 1/3 training exits {cfg.exit_layers or ''} with '{config}' -> {output_dir}", flush=True)
+    result = train(cfg)
+
+    print("\n== 2/3 answering at every budget with the trained exits", flush=True)
+    base, tok = load_base(cfg.model)
+    m = BalconyModel.from_pretrained(base, output_dir)
+    rows = answer_at_every_budget(m, tok, prompt, max_new_tokens)
+    print(f"prompt: {prompt!r}")
+    print(f"{'budget':<7}{'layers':>7}{'tok/s':>8}{'speed-up':>10}{'ideal':>8}  output")
+    for r in rows:
+        print(f"{r['budget']:<7}{r['layer']:>7}{r['tokens_per_s']:>8.1f}{r['speedup']:>9.2f}x{r['ideal_speedup']:>7.2f}x  {r['text'][:70]}")
+    Path(output_dir, "demo_answers.json").write_text(json.dumps(rows, indent=2))
+
+    if evaluate:
+        print("\n== 3/3 evaluating every budget and plain early exit", flush=True)
+
+        _, held_out = load_training_data(cfg, tok, m)
+        texts = tok.batch_decode(held_out.input_ids, skip_special_tokens=True) if held_out is not None else None
+        task_data = os.environ.get("BALCONY_TASK_DATA")
+        tasks = None if task_data else ("piqa,arc_easy" if _hub_reachable() else None)
+        if not task_data and tasks is None:
+            print("[balcony] no task data and no hub: scoring the held-out text only. "
+                  "Set BALCONY_TASK_DATA=piqa=PATH,arc_easy=PATH,lambada=PATH to add offline tasks.", file=sys.stderr)
+        kwargs = dict(model=cfg.model, exits=output_dir, text=texts, limit=limit, output=str(Path(output_dir) / "eval"),
+                      seq_len=cfg.seq_len, text_tokens=cfg.eval_tokens, log=lambda s: print(s, file=sys.stderr, flush=True))
+        try:
+            report = run_evaluation(tasks=tasks, task_data=task_data, **kwargs)
+        except Exception as e:  # offline without task data: the hub tasks cannot download
+            print(f"[balcony] tasks unavailable ({type(e).__name__}: {str(e)[:160]}); scoring the held-out text only. "
+                  "Set BALCONY_TASK_DATA=piqa=PATH,arc_easy=PATH,lambada=PATH to add offline tasks.", file=sys.stderr)
+            report = run_evaluation(tasks=None, task_data=None, **kwargs)
+        print(report.to_text())
+        files = report.meta.get("files", {})
+        if files:
+            print(f"wrote {', '.join(sorted(files.values()))}")
+    print(f"\nexits: {output_dir}  (trained on {result.tokens:,} tokens in {result.seconds:.0f} s)")
+    return 0

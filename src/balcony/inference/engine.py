@@ -1,0 +1,187 @@
+"""Decoding at one budget, gpt-fast style: `prefill`, `decode_one_token`, and `generate_stream` looping them.
+
+The decoder layers are the base model's own modules (every supported family
+works unchanged, and the full budget reproduces the base). What is replaced is
+everything *around* them that costs time per token:
+
+* HF's mask functions, rebuilt from scratch at every step: here a decode step's
+  mask is a view of one (B, L) boolean row, or None when nothing is padded
+  (`balcony.inference.spans`);
+* DynamicCache's `torch.cat` growth: here each layer's K/V live in buffers
+  sized once for prompt + new tokens, written in place at a write pointer
+  (`balcony.inference.cache`);
+* LM-head logits for every prompt position: here only sampled positions get logits;
+* `generate`'s logits processors and stopping criteria (`balcony.inference.stopping`);
+* on steps of a few tokens of Llama-style layers, HF's per-layer plumbing
+  around the ~25 tensor ops of a layer (`balcony.inference.fast_path`, bit-identical).
+
+What is left is the weights: at batch 1 every weight is streamed from memory
+once per token (`balcony bench` prints this floor); fewer weight bytes
+(`balcony.inference.quantize`), batching and self-speculative decoding
+(`balcony.inference.speculative`, which reuses `run_layers`, `run_exit` and the
+cache) go further.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import torch
+
+from .cache import budget_slots
+from .fast_path import FAST_MAX_TOKENS, _decode_layer
+from .options import DecodeOptions, resolve_options
+from .sampling import sample
+from .spans import DecodeState, Span, make_span, new_state
+from .stopping import StopChecker, check_inputs
+
+if TYPE_CHECKING:  # types only: inference runs on any model with `parts` and `exits`
+    from ..modeling.model import BalconyModel, Exit
+
+
+def run_layers(model: BalconyModel, state: DecodeState, span: Span, hidden: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """(B, T, H) hidden after layer `start` -> after layer `stop`, through base layers start..stop-1."""
+    layers, types = model.parts.layers, model.parts.layer_types
+    state.cache.pos = span.pos
+    fast = state.fast if span.length <= FAST_MAX_TOKENS else None
+    kwargs = {model._layer_kw: state.cache, "use_cache": True, "position_ids": span.position_ids, "position_embeddings": span.rope}
+    for i in range(start, stop):
+        layer, mask = layers[i], span.masks[types[i]]
+        if fast and fast.get(id(layer)):
+            hidden = _decode_layer(layer, hidden, span, state.cache, mask)
+            continue
+        out = layer(hidden, attention_mask=mask, **kwargs)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden
+
+
+def run_exit(model: BalconyModel, state: DecodeState, span: Span, hidden: torch.Tensor, j: int) -> torch.Tensor:
+    """(B, T, H) hidden after layer j -> (B, T, H) normed state for the head: exit j's module, or the final norm."""
+    module = model.exits[str(j)] if str(j) in model.exits else None
+    if module is None:
+        return model.parts.norm(hidden)
+    state.cache.pos = span.pos
+    mask = span.masks[model.parts.layer_types[-1]]  # the exit layer is a copy of the last layer
+    if span.length <= FAST_MAX_TOKENS and state.fast and state.fast.get(id(module.layer)) and not module._forward_hooks:
+        return module.norm(_decode_layer(module.layer, hidden, span, state.cache, mask))
+    return module(
+        hidden,
+        attention_mask=mask,
+        use_cache=True,
+        position_ids=span.position_ids,
+        position_embeddings=span.rope,
+        **{model._layer_kw: state.cache},
+    )
+
+
+def forward_budget(model: BalconyModel, state: DecodeState, tokens: torch.Tensor, j: int, keep: int = 1, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) tokens at positions [state.length, +T) -> (B, keep, V) logits of the last `keep` positions at budget j."""
+    hidden = model.parts.embed_tokens(tokens)  # (B, T, H)
+    span = make_span(model, state, state.length, tokens.shape[1], hidden, position_ids)
+    hidden = run_layers(model, state, span, hidden, 0, j)
+    hidden = run_exit(model, state, span, hidden, j)
+    state.length += tokens.shape[1]
+    return model.parts.lm_head(hidden[:, -keep:])
+
+
+def prefill(model: BalconyModel, state: DecodeState, input_ids: torch.Tensor, j: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Run the prompt (B, T) at budget j into an empty cache; returns the (B, V) next-token logits."""
+    position_ids = None
+    if state.pad is not None:  # HF's rule for padded prompts: count real tokens (any mask, not only left padding)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return forward_budget(model, state, input_ids, j, 1, position_ids)[:, -1]
+
+
+def decode_one_token(model: BalconyModel, state: DecodeState, token: torch.Tensor, j: int) -> torch.Tensor:
+    """One step: (B,) last tokens -> (B, V) next-token logits, writing one cache position."""
+    return forward_budget(model, state, token[:, None], j)[:, -1]
+
+
+def generate_stream(
+    model: BalconyModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    exit: Exit = None,
+    options: DecodeOptions | None = None,
+    stop: Callable[[torch.Tensor], bool] | None = None,
+    **kwargs: Any,
+) -> Iterator[torch.Tensor]:
+    """Yield (B,) new tokens one step at a time at one budget.
+
+    Finished sequences (EOS or a stop string) keep yielding the fill token
+    (`pad_token_id`, else the first EOS id); the stream ends when all are
+    finished, after `max_new_tokens` steps, or when `stop(token)` is True.
+    See `generate` for the arguments.
+    """
+    opts, _ = resolve_options(options, kwargs)
+    check_inputs(input_ids, attention_mask, opts.max_new_tokens)
+    cfg = opts.sampling
+    j = model.resolve_exit(exit)
+    b, t = input_ids.shape
+    state = new_state(model, budget_slots(model, j), b, t + opts.max_new_tokens, attention_mask)
+    stopper = StopChecker(b, opts.eos_token_id, opts.stop_strings, opts.tokenizer, opts.pad_token_id, input_ids.device)
+    step_fn = compiled_decode(model, opts.compile) if opts.compile else decode_one_token
+    # "Is everyone done?" is a host sync: free on CPU, a pipeline stall on an accelerator, so ask every 8 steps there
+    # (a finished batch then emits up to 7 more fill tokens).
+    sync_every = 1 if input_ids.device.type == "cpu" else 8
+    with torch.no_grad():
+        logits = prefill(model, state, input_ids, j, attention_mask)
+        for step in range(opts.max_new_tokens):
+            token = stopper(sample(logits, cfg, opts.generator))
+            yield token
+            if step == opts.max_new_tokens - 1 or (stop is not None and stop(token)):
+                return
+            if step % sync_every == sync_every - 1 and stopper.all_done():
+                return
+            logits = step_fn(model, state, token, j)
+
+
+def generate(
+    model: BalconyModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    exit: Exit = None,
+    options: DecodeOptions | None = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """Generate at one budget; returns (B, T + new) ids, prompt included.
+
+    Args:
+        model: The Balcony model.
+        input_ids: (B, T) prompt ids, left-padded when lengths differ.
+        attention_mask: (B, T) 1 for real tokens, 0 for padding.
+        exit: Budget name, exit layer, or None for the full model.
+        options: How to decode (`DecodeOptions`: length, sampling, stopping, compile).
+        **kwargs: `DecodeOptions` fields, overriding `options` (``max_new_tokens=16``, ``do_sample=True``, ...).
+
+    Returns:
+        (B, T + n) ids, n <= max_new_tokens (fewer when every sequence stopped early).
+
+    Example:
+        >>> out = generate(model, ids, exit="S", max_new_tokens=16)  # doctest: +SKIP
+    """
+    tokens = list(generate_stream(model, input_ids, attention_mask, exit=exit, options=options, **kwargs))
+    return torch.cat([input_ids, torch.stack(tokens, dim=1).to(input_ids.dtype)], dim=1)
+
+
+def compiled_decode(model: BalconyModel, backend: bool | str = True) -> Callable:
+    """`decode_one_token` through `torch.compile`, built once per model and backend.
+
+    The cache grows by one position per step, so shapes change; dynamo marks
+    them dynamic after the first recompile and then reuses one graph. With the
+    default inductor backend on CPU the first call pays for compiling (about
+    40 s for a 6-layer tiny model on 2 cores, minutes for 30 layers); decode
+    then saves the Python overhead around the matmuls, which at batch 1 are
+    80% of a step (the weights are streamed from memory once per token).
+
+    Args:
+        backend: True for inductor, or a `torch.compile` backend name (``"eager"``
+            traces with dynamo only: a quick check that the step compiles).
+    """
+    name = "inductor" if backend is True else str(backend)
+    compiled = model.__dict__.setdefault("_balcony_compiled", {})  # plain attribute: not a submodule, not in state_dict
+    if name not in compiled:
+        compiled[name] = torch.compile(decode_one_token, backend=name, dynamic=True)
+    return compiled[name]
