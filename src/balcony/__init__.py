@@ -30,7 +30,8 @@ from .inference.speculative import SpeculativeStats, speculative_generate, specu
 from .modeling.config import BalconyConfig
 from .modeling.cost import ideal_speedup, kv_cache_bytes
 from .modeling.loading import DEFAULT_EXITS, default_model, load_base
-from .modeling.model import BalconyModel, BalconyOutput, DistillOutput
+from .modeling.distill import DistillOutput
+from .modeling.model import BalconyModel, BalconyOutput
 
 __all__ = [
     "BalconyConfig",

@@ -8,10 +8,10 @@ decodes at that budget with balcony's KV cache.
 
 lm-eval 0.4.13 finds models only through its registry (it has no entry-point
 group for plug-ins), so this module must be imported before the harness looks
-``balcony`` up. From Python, ``import balcony.lm_eval_model`` is enough; from the
+``balcony`` up. From Python, ``import balcony.eval.lm_eval_model`` is enough; from the
 shell use the wrapper, which takes exactly the ``lm_eval`` arguments::
 
-    python -m balcony.lm_eval_model --model balcony \\
+    python -m balcony.eval.lm_eval_model --model balcony \\
         --model_args pretrained=default,exits=my-exits,budget=S --tasks piqa --device cpu
 
 Model arguments (``--model_args`` / ``simple_evaluate(model_args=...)``):
@@ -240,7 +240,7 @@ class SharedBudgetsLM(BalconyLM):
     """A `BalconyLM` over several variants that scores loglikelihoods for all of them at once.
 
     The first time a request is seen, one pass of the shared base feeds every
-    variant (`balcony.evaluation.exit_hidden_states`), the LM head is applied only
+    variant (`balcony.eval.variants.exit_hidden_states`), the LM head is applied only
     to the continuation positions, and (loglikelihood, is_greedy) is cached for
     every variant; running the harness again at another variant (`select`) then
     costs no forward passes. Generation runs per variant as usual. The
@@ -335,7 +335,7 @@ class SharedBudgetsLM(BalconyLM):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m balcony.lm_eval_model ...``: the ``lm_eval`` command line with ``balcony`` registered."""
+    """``python -m balcony.eval.lm_eval_model ...``: the ``lm_eval`` command line with ``balcony`` registered."""
     import sys
 
     from lm_eval.__main__ import cli_evaluate

@@ -247,7 +247,7 @@ def make_report(
         variants: The rows, from `build_variants`.
         task_results: From `evaluate_tasks`.
         distill: From `distillation_metrics`.
-        bench: Points from `balcony.plots.read_bench` (measured speed-ups).
+        bench: Points from `balcony.eval.plots.read_bench` (measured speed-ups).
         metric: Preferred metric per task column (default acc, then exact_match, ...).
         meta: Extra information for the JSON.
     """

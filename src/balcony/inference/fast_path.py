@@ -57,7 +57,7 @@ def _rms(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _linear(mod: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`mod(x)` for a linear layer: a plain nn.Linear skips its module call, a quantized one (`balcony.quantize`) runs."""
+    """`mod(x)` for a linear layer: a plain nn.Linear skips its module call, a quantized one (`balcony.inference.quantize`) runs."""
     if type(mod) is torch.nn.Linear:
         return torch.nn.functional.linear(x, mod.weight, mod.bias)
     return mod(x)

@@ -2,8 +2,15 @@
 
 from .config import BalconyConfig
 from .cost import ideal_speedup, kv_cache_bytes
-from .loading import DEFAULT_EXITS, default_exit_layers, default_model, load_base, pick_device
-from .model import BalconyModel, BalconyOutput, DistillOutput, Exit
+from .loading import (
+    DEFAULT_EXITS,
+    default_exit_layers,
+    default_model,
+    load_base,
+    pick_device,
+)
+from .distill import DistillOutput
+from .model import BalconyModel, BalconyOutput, Exit
 from .saving import check_compatible, resolve_exits_dir
 
 __all__ = [

@@ -15,6 +15,27 @@ if TYPE_CHECKING:
     from .model import BalconyModel, Exit
 
 
+def count_parameters(model: BalconyModel, exit: Exit = None, *, embeddings: bool = False) -> int:
+    """Parameters a budget runs per token: layers 1..j, its exit module (or the final norm), + embeddings and head if asked.
+
+    Example:
+        >>> count_parameters(model, "S") < count_parameters(model, None)  # doctest: +SKIP
+        True
+    """
+    j = model.resolve_exit(exit)
+    parts = model.parts
+    total = sum(p.numel() for layer in parts.layers[:j] for p in layer.parameters())
+    if j == model.num_layers and str(j) not in model.exits:
+        total += sum(p.numel() for p in parts.norm.parameters())
+    else:
+        total += sum(p.numel() for p in model.exits[str(j)].parameters())
+    if embeddings:
+        total += sum(p.numel() for p in parts.embed_tokens.parameters())
+        if parts.lm_head.weight is not parts.embed_tokens.weight:
+            total += parts.lm_head.weight.numel()
+    return total
+
+
 def ideal_speedup(model: BalconyModel, exit: Exit) -> float:
     """Compute of the full model / compute of a budget: decoder layers + exit layer + norm + LM head.
 

@@ -51,12 +51,12 @@ class TrainConfig:
         warmup_loss: None or logit_mse (head-free first phase).
         warmup_fraction: Share of the optimizer steps spent in the warm-up loss phase.
         warm_start: None or lstsq: before the first step, fit each exit's MLP output projection
-            in closed form to the final hidden state (`balcony.warmstart`), on up to
+            in closed form to the final hidden state (`balcony.training.warmstart`), on up to
             `warm_start_tokens` cached tokens.
         warm_start_tokens: Tokens the lstsq fit reads.
         loss_vocab: None (the whole vocabulary) or k: distil over the k vocabulary entries that
             carry the most teacher probability on the first `loss_vocab_tokens` training tokens,
-            the teacher renormalised over them (`balcony.losses.teacher_vocab`). The head's
+            the teacher renormalised over them (`balcony.training.losses.teacher_vocab`). The head's
             products shrink V/k times; the exits are still evaluated and used with the full head.
             A k at or above the model's vocabulary size distils over the whole vocabulary.
         loss_vocab_tokens: Tokens the loss vocabulary is chosen on.

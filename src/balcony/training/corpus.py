@@ -198,7 +198,7 @@ def generated_corpus(
         batch_size: Prompts generated together.
         max_new_tokens: Length cap of one passage.
         temperature, top_k, top_p: Sampling settings (default `SAMPLING`: the model's own
-            distribution; top-k also makes batched sampling cheap, see `balcony.generation.sample`).
+            distribution; top-k also makes batched sampling cheap, see `balcony.inference.sampling.sample`).
             Each setting has its own cache file.
         seed: Seed of topics and sampling.
         progress: Show a progress bar.

@@ -24,7 +24,7 @@ def distill_metrics(
     One `distill_forward` per batch feeds every exit; logits are formed `chunk_size`
     tokens at a time, so memory never holds (tokens x vocab) for all exits. The full
     model appears under key N, scored against itself. A batch that carries a cached
-    frozen pass (``taps`` and ``teacher``, as `balcony.features.FeatureCache.batch`
+    frozen pass (``taps`` and ``teacher``, as `balcony.training.features.FeatureCache.batch`
     gives) runs only the exit modules: the same numbers, without the base.
 
     Args:

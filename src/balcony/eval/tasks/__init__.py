@@ -4,9 +4,9 @@ The YAMLs in this folder are templates: their ``data_files`` path is a placehold
 (``${BALCONY_PIQA_DATA}`` ...). `prepare_tasks` writes a ready-to-use copy with the
 real paths into a folder that lm-eval takes as ``--include_path``:
 
-    python -m balcony.tasks piqa=/data/piqa/valid.jsonl arc_easy=/data/ARC-Easy-Test.jsonl \\
+    python -m balcony.eval.tasks piqa=/data/piqa/valid.jsonl arc_easy=/data/ARC-Easy-Test.jsonl \\
         lambada=/data/lambada_dev.jsonl --out my-tasks
-    python -m balcony.lm_eval_model --model balcony --include_path my-tasks \\
+    python -m balcony.eval.lm_eval_model --model balcony --include_path my-tasks \\
         --tasks balcony_piqa,balcony_arc_easy,balcony_lambada --model_args budget=S
 
 `balcony eval --task-data piqa=PATH,...` does the same into its output folder. The
@@ -243,12 +243,12 @@ def _read_jsonl_head(path: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m balcony.tasks NAME=PATH ... --out DIR``: write a ready include path for lm-eval."""
+    """``python -m balcony.eval.tasks NAME=PATH ... --out DIR``: write a ready include path for lm-eval."""
     import argparse
     import sys
 
     parser = argparse.ArgumentParser(
-        prog="python -m balcony.tasks",
+        prog="python -m balcony.eval.tasks",
         description="Write balcony's offline lm-eval tasks (PIQA, ARC-Easy, LAMBADA from local JSONL) into an include path.",
     )
     parser.add_argument("data", nargs="*", help="NAME=PATH items: piqa, arc_easy, lambada, piqa-labels (default: from $BALCONY_TASK_DATA / $BALCONY_*_DATA)")
