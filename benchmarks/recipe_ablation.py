@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import time
 
@@ -84,13 +83,13 @@ def main() -> None:
 
     from transformers import get_cosine_schedule_with_warmup
 
-    from balcony.training.data import epoch_order
-    from balcony.training.features import build_feature_cache
-    from balcony.training.losses import teacher_vocab
-    from balcony.training.evaluate import distill_metrics
-    from balcony.training.objective import DistillObjective
     from balcony.training.config import TrainConfig
+    from balcony.training.data import epoch_order
+    from balcony.training.evaluate import distill_metrics
+    from balcony.training.features import build_feature_cache
     from balcony.training.loop import build_training_model, load_training_data
+    from balcony.training.losses import teacher_vocab
+    from balcony.training.objective import DistillObjective
     from balcony.training.warmstart import lstsq_warm_start
 
     base_cfg = dict(model=args.model, dataset=args.dataset, exit_layers=[args.exit], seq_len=args.seq_len, batch_size=args.batch_size,
@@ -106,8 +105,8 @@ def main() -> None:
     eval_batches = [eval_rows[slice(s, s + args.batch_size)] for s in range(0, len(eval_rows), args.batch_size)]
     text_batches = []
     if args.text:  # packed like the held-out rows, so both are scored the same way
-        from balcony.training.packing import tokenize_and_pack
         from balcony.eval.texts import load_texts
+        from balcony.training.packing import tokenize_and_pack
 
         text_rows = tokenize_and_pack(load_texts(args.text), tok, args.seq_len, max_tokens=args.eval_tokens)
         if len(text_rows) == 0:

@@ -62,8 +62,8 @@ def median_times(fns: dict, steps: int, warmup: int) -> dict:
 
 def build(n_exits: int, args):
     from balcony import BalconyConfig, BalconyModel, load_base
-    from balcony.training.objective import DistillObjective
     from balcony.training.config import TrainConfig
+    from balcony.training.objective import DistillObjective
 
     base, _ = load_base(args.model)
     layers = [14, 17, 20][:n_exits] if args.model is None else None

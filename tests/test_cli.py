@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from tiny_models import tiny_base
 
 from balcony import BalconyConfig, BalconyModel

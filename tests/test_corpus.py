@@ -8,7 +8,17 @@ import pytest
 from tiny_models import tiny_base, tiny_hf_tokenizer
 
 from balcony import BalconyConfig, BalconyModel
-from balcony.training.corpus import FICTION_SHARE, FICTION_TOPICS, HOWTO_SHARE, HOWTO_TOPICS, SAMPLING, TOPICS, _prompts, corpus_path, generated_corpus
+from balcony.training.corpus import (
+    FICTION_SHARE,
+    FICTION_TOPICS,
+    HOWTO_SHARE,
+    HOWTO_TOPICS,
+    SAMPLING,
+    TOPICS,
+    _prompts,
+    corpus_path,
+    generated_corpus,
+)
 
 
 @pytest.fixture(autouse=True)

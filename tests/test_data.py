@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from balcony.training import data as data_mod
-from balcony.training.data import DataConfig, batches_per_epoch, iterate_batches, prepare_data
+from balcony.training.data import (
+    DataConfig,
+    batches_per_epoch,
+    iterate_batches,
+    prepare_data,
+)
 from balcony.training.packing import PackedData, tokenize_and_pack
 from balcony.training.sources import chat_to_text, load_texts
 

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from tiny_models import FAMILIES, VOCAB, tiny_base, tiny_hf_tokenizer
 
-from balcony import BalconyConfig, BalconyModel
+from balcony import BalconyConfig, BalconyModel, DraftOptions
 from balcony.inference.cache import budget_slots
-from balcony.inference.engine import decode_one_token, generate, generate_stream, prefill
+from balcony.inference.engine import (
+    decode_one_token,
+    generate,
+    generate_stream,
+    prefill,
+)
 from balcony.inference.spans import new_state
 
 EXITS = [2, 3, 5]
@@ -261,13 +268,28 @@ def test_empty_prompts_are_refused():
         generate(model, ids(2, 3), torch.tensor([[1, 1, 1], [0, 0, 0]]))
 
 
+def test_right_padded_batches_are_refused_everywhere():
+    """Right padding would put new tokens after pad positions and decode them wrongly: a clear error instead."""
+    model = make()
+    right = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    for call in (
+        lambda: generate(model, ids(2, 4), right, max_new_tokens=2),
+        lambda: model.generate(ids(2, 4), right, exit="S", max_new_tokens=2),
+        lambda: model.generate(ids(2, 4), right, exit="S", speculative=True, max_new_tokens=2),
+    ):
+        with pytest.raises(ValueError, match=r"sequence\(s\) \[1\] end in padding .*pad prompts on the left"):
+            call()
+    left = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    assert generate(model, ids(2, 4), left, max_new_tokens=2).shape == (2, 6)
+
+
 def test_bench_runs_on_a_tiny_model(tmp_path):
     from balcony.bench.report import format_table, plot
     from balcony.bench.speed import run_bench
 
     tok = tiny_hf_tokenizer()
     model = BalconyModel(tiny_base(vocab_size=len(tok)), BalconyConfig(exit_layers=EXITS))
-    result = run_bench(model, tok, max_new_tokens=4, prompt_tokens=8, repeats=1, draft_length=2, batch_size=2, log=lambda s: None)
+    result = run_bench(model, tok, max_new_tokens=4, prompt_tokens=8, repeats=1, draft=DraftOptions(draft_length=2), batch_size=2, log=lambda s: None)
     assert [r["budget"] for r in result["budgets"]] == ["S", "M", "L", "XL"]
     assert result["budgets"][-1]["speedup"] == 1.0 and result["budgets"][-1]["ideal_speedup"] == 1.0
     assert all(r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 for r in result["budgets"])
@@ -276,7 +298,10 @@ def test_bench_runs_on_a_tiny_model(tmp_path):
     assert all(0 <= r["acceptance_rate"] <= 1 and r["hf_layerskip_tok_s"] > 0 for r in result["speculative"])
     table = format_table(result)
     assert "efficiency" in table and "HF generate, batch 1" in table and "HF LayerSkip" in table
-    plot(result, tmp_path / "bench.png")
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert plot(result, tmp_path / "bench.png") and (tmp_path / "bench.png").stat().st_size > 1000
+    else:
+        assert plot(result, tmp_path / "bench.png") is False
 
 
 def test_bench_command_writes_json_and_chart(tmp_path, tiny_model_dir, capsys):

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from balcony.metrics import kl_per_token, top1_agreement
 from balcony.training.chunked import chunked_distill_loss
 from balcony.training.losses import count_tokens, distill_loss
-from balcony.metrics import kl_per_token, top1_agreement
 
 V, H, B, T = 37, 16, 3, 7
 DIVS = ["kl", "reverse_kl", "jsd"]

@@ -7,9 +7,9 @@ import torch
 from tiny_models import tiny_base
 
 from balcony import BalconyConfig, BalconyModel
-from balcony.training.packing import PackedData
-from balcony.training.features import build_feature_cache
 from balcony.training.evaluate import distill_metrics
+from balcony.training.features import build_feature_cache
+from balcony.training.packing import PackedData
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,14 @@ def test_metrics_match_a_hand_written_reference(model):
         assert got[j]["ppl"] == pytest.approx(ref[j]["ppl"], rel=1e-5)
         assert got[j]["tokens"] == 48
     assert got[2]["kl"] > 0 and got[2]["kl"] != pytest.approx(got[4]["kl"])
-    assert got[6]["kl"] == 0.0 and got[6]["agreement"] == 1.0
+    # The full model's own perplexity, from its logits.
+    batch = data[slice(0, 4)]
+    with torch.no_grad():
+        logp = model(batch["input_ids"], position_ids=batch["position_ids"], exit=None).logits.log_softmax(-1)[:, :-1]
+    labels = batch["labels"][:, 1:]
+    valid = labels != -100
+    nll = -logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0][valid]
+    assert got[6]["ppl"] == pytest.approx(nll.mean().exp().item(), rel=1e-5)
 
 
 def test_cached_frozen_pass_gives_the_same_metrics(model):

@@ -7,8 +7,8 @@ import os
 
 import pytest
 import torch
-from torch import nn
 from tiny_models import FAMILIES, VOCAB, tiny_base
+from torch import nn
 
 from balcony import BalconyConfig, BalconyModel
 
@@ -54,6 +54,35 @@ def test_norm_exit_is_plain_early_exit(family):
     # The exit at the last layer reproduces the base exactly.
     with torch.no_grad():
         assert torch.equal(model(x, exit=6).logits, model.base(x).logits)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3"])
+def test_decoder_exit_equals_hf_modules_run_by_hand(family):
+    """Exit j = HF's own hidden state after j layers, through a fresh copy of HF's last layer holding the
+    exit's weights, HF's rotary embedding, the exit norm and the head: computed without balcony's forward."""
+    import copy
+
+    model = make(family)
+    torch.manual_seed(3)
+    with torch.no_grad():  # move the exits off their init, so a copy of the last layer would not pass by luck
+        for p in model.exits.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.eval()
+    x = ids(1, 9)
+    hf = model.base.model
+    for j in EXITS:
+        exit_module = model.exits[str(j)]
+        layer = copy.deepcopy(hf.layers[-1])
+        layer.load_state_dict(exit_module.layer.state_dict())
+        with torch.no_grad():
+            h = model.base(x, output_hidden_states=True).hidden_states[j]  # after j decoder layers
+            pos = torch.arange(x.shape[1])[None]
+            out = layer(h, attention_mask=None, position_ids=pos, position_embeddings=hf.rotary_emb(h, pos))
+            out = out[0] if isinstance(out, tuple) else out
+            want = model.base.lm_head(exit_module.norm(out))
+            got = model(x, exit=j).logits
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(got, model.base.lm_head(model.parts.norm(h)), atol=1e-3)  # not plain early exit
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -151,6 +180,21 @@ def test_save_load_round_trip_and_no_base_weights(tmp_path):
     with torch.no_grad():
         for budget in model.budgets:
             assert torch.equal(loaded(x, exit=budget).logits, model(x, exit=budget).logits)
+    # Like a PEFT adapter: loaded exits are frozen and in eval mode unless asked to train.
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    trainable = BalconyModel.from_pretrained(tiny_base(), tmp_path, is_trainable=True)
+    assert trainable.training and all(p.requires_grad for p in trainable.exits.parameters())
+    assert not trainable.base.training and not any(p.requires_grad for p in trainable.base.parameters())
+
+
+def test_config_from_a_newer_version_loads_with_a_warning(tmp_path):
+    make().save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "balcony_config.json").read_text())
+    cfg["exit_schedule"] = "cosine"  # a field a later balcony might add
+    (tmp_path / "balcony_config.json").write_text(json.dumps(cfg))
+    with pytest.warns(UserWarning, match=r"ignoring BalconyConfig fields \['exit_schedule'\]"):
+        loaded = BalconyModel.from_pretrained(tiny_base(), tmp_path)
+    assert loaded.exit_layers == EXITS
 
 
 def test_loading_onto_another_base_names_the_mismatch(tmp_path):

@@ -10,7 +10,17 @@ from tiny_models import VOCAB, tiny_base, tiny_hf_tokenizer
 
 from balcony import BalconyConfig, BalconyModel
 from balcony.inference.engine import generate
-from balcony.inference.quantize import Int4Linear, Int8Linear, head_rows, is_quantized, parse_mode, quantization_of, quantize_int8, quantize_linear, quantize_model
+from balcony.inference.quantize import (
+    Int4Linear,
+    Int8Linear,
+    head_rows,
+    is_quantized,
+    parse_mode,
+    quantization_of,
+    quantize_int8,
+    quantize_linear,
+    quantize_model,
+)
 
 EXITS = [2, 3, 5]
 

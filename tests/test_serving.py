@@ -20,12 +20,12 @@ import torch
 from tiny_models import tiny_base, tiny_hf_tokenizer
 
 from balcony import BalconyConfig, BalconyModel
-from balcony.serving import scheduler as serving
 from balcony.inference.engine import generate
-from balcony.serving.config import ServeConfig
-from balcony.serving.text import TextStream
+from balcony.serving import scheduler as serving
 from balcony.serving.app import create_app
+from balcony.serving.config import ServeConfig
 from balcony.serving.policy import AutoBudgetPolicy, PolicyConfig
+from balcony.serving.text import TextStream
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -279,11 +279,12 @@ def test_chat_streaming_and_not(server, tiny):
     # Completions stream too, with a stop string cutting the text.
     full = expected(model, tok, "the a", "S", 10)
     words = full.split()
-    stop = words[2] if len(words) > 2 else None
+    assert len(words) >= 3, f"the tiny model's answer {full!r} is too short to hold a stop string"
+    stop = words[2]
     pieces = list(c.completions.create(model=f"{NAME}:S", prompt="the a", max_tokens=10, temperature=0, stream=True, stop=stop))
     text = "".join(p.choices[0].text for p in pieces)
-    assert text == (full[: full.index(stop)] if stop else full)
-    assert pieces[-1].choices[0].finish_reason == ("stop" if stop else pieces[-1].choices[0].finish_reason)
+    assert text == full[: full.index(stop)] and stop not in text
+    assert pieces[-1].choices[0].finish_reason == "stop"
 
 
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
@@ -327,10 +328,8 @@ def test_speculative_requests(server, tiny):
     port, app = server
     model, tok = tiny
     body = {"model": NAME, "prompt": "hello world", "max_tokens": 6, "temperature": 0, "speculative": True, "budget": "S"}
+    assert app.state.scheduler.speculative_error is None  # the start-up check passed
     got, headers, resp = raw(port, "POST", "/v1/completions", body)
-    if app.state.scheduler.speculative_error:  # a build without self-speculative decoding: a clear 400
-        assert got == 400 and resp["error"]["code"] == "speculative_unsupported"
-        return
     assert got == 200 and resp["budget"] == "S" and resp["speculative"] is True
     assert headers["x-balcony-budget"] == "S" and headers["x-balcony-speculative"] == "true"
     assert resp["choices"][0]["text"] == expected(model, tok, "hello world", "XL", 6)  # lossless: the full model's answer
@@ -338,6 +337,17 @@ def test_speculative_requests(server, tiny):
     chunks = list(client(port).completions.create(model=NAME, prompt="hello world", max_tokens=6, temperature=0, stream=True, extra_body={"speculative": True}))
     assert "".join(c.choices[0].text for c in chunks) == resp["choices"][0]["text"]
     assert {c.budget for c in chunks} == {"L"} and all(c.speculative for c in chunks)
+
+
+def test_speculative_unavailable_is_a_clear_400(server):
+    port, app = server
+    app.state.scheduler.speculative_error = "self-speculative decoding failed its start-up check: boom"
+    try:
+        body = {"model": NAME, "prompt": "hello world", "max_tokens": 2, "speculative": True, "budget": "S"}
+        got, _, resp = raw(port, "POST", "/v1/completions", body)
+        assert got == 400 and resp["error"]["code"] == "speculative_unsupported" and "boom" in resp["error"]["message"]
+    finally:
+        app.state.scheduler.speculative_error = None
 
 
 def test_full_queue_answers_429_fast_and_timeouts_504(tiny, monkeypatch):

@@ -13,7 +13,12 @@ import balcony.inference.speculative as spec
 from balcony import BalconyConfig, BalconyModel
 from balcony.inference.engine import generate
 from balcony.inference.sampling import SamplingConfig
-from balcony.inference.speculative import SpeculativeStats, accept_drafts, speculative_generate, speculative_stream
+from balcony.inference.speculative import (
+    SpeculativeStats,
+    accept_drafts,
+    speculative_generate,
+    speculative_stream,
+)
 
 EXITS = [2, 3, 5]
 

@@ -7,8 +7,8 @@ import torch
 from tiny_models import tiny_base
 
 from balcony import BalconyConfig, BalconyModel
-from balcony.training.packing import PackedData
 from balcony.training.features import build_feature_cache
+from balcony.training.packing import PackedData
 from balcony.training.warmstart import lstsq_warm_start
 
 

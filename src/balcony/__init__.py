@@ -26,11 +26,15 @@ from ._version import __version__
 from .inference.engine import generate, generate_stream
 from .inference.options import DecodeOptions, DraftOptions
 from .inference.sampling import SamplingConfig
-from .inference.speculative import SpeculativeStats, speculative_generate, speculative_stream
+from .inference.speculative import (
+    SpeculativeStats,
+    speculative_generate,
+    speculative_stream,
+)
 from .modeling.config import BalconyConfig
 from .modeling.cost import ideal_speedup, kv_cache_bytes
-from .modeling.loading import DEFAULT_EXITS, default_model, load_base
 from .modeling.distill import DistillOutput
+from .modeling.loading import DEFAULT_EXITS, default_model, load_base
 from .modeling.model import BalconyModel, BalconyOutput
 
 __all__ = [

@@ -21,12 +21,14 @@ the same work; decode rates exclude prefill and the first token.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from typing import Callable
 
 import torch
 
+from ..inference.options import DraftOptions
 from ..modeling.cost import ideal_speedup, kv_cache_bytes
 from ..modeling.model import BalconyModel
 from .measure import _wall, matmul_floor_s, run_cases
@@ -54,10 +56,7 @@ def run_bench(
     max_new_tokens: int = 64,
     prompt_tokens: int = 64,
     repeats: int = 3,
-    draft_length: int = 4,
-    draft_threshold: float | None = None,
-    draft_vocab: int | None = None,
-    draft_width: int = 1,
+    draft: DraftOptions | None = None,
     batch_size: int = 8,
     hf: bool = True,
     speculative: bool = True,
@@ -73,10 +72,7 @@ def run_bench(
         max_new_tokens: Tokens decoded per run (>= 2).
         prompt_tokens: Prompt length.
         repeats: Timed runs per configuration (median reported); one more warm-up run is not timed.
-        draft_length: Tokens drafted per verify pass, for ours and HF's speculative decoding.
-        draft_threshold: Our drafts stop early below this exit top-1 probability (None: fixed length).
-        draft_vocab: Our drafts choose among the first this many token ids (None: all).
-        draft_width: Candidates our drafts propose for one position (> 1: a tree of depth 1, draft_length 1).
+        draft: How our self-speculative decoding drafts (`DraftOptions`); its `draft_length` is HF's too.
         batch_size: The batched HF `generate` (and engine) comparison.
         hf: Include HF `generate` baselines.
         speculative: Include self-speculative decoding.
@@ -90,6 +86,7 @@ def run_bench(
     from ..inference.engine import generate_stream
     from ..inference.speculative import SpeculativeStats, speculative_stream
 
+    draft = draft or DraftOptions()
     if max_new_tokens < 2:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 2 to time decoding apart from prefill")
     if repeats < 1:
@@ -121,11 +118,10 @@ def run_bench(
         return first - t0, time.perf_counter() - first
 
     def spec_run(j: int) -> tuple[float, SpeculativeStats]:
-        stats = SpeculativeStats(j, draft_length)
+        stats = SpeculativeStats(j, draft.draft_length)
         first = None
         for _ in speculative_stream(
-            model, ids, exit=j, draft_length=draft_length, draft_threshold=draft_threshold, draft_vocab=draft_vocab,
-            draft_width=draft_width, max_new_tokens=max_new_tokens, stats=stats,
+            model, ids, exit=j, draft=draft, max_new_tokens=max_new_tokens, stats=stats,
         ):
             if first is None:
                 first = time.perf_counter()
@@ -159,7 +155,7 @@ def run_bench(
         for name, j in small.items():
             cases[f"spec:{j}"] = lambda j=j: spec_run(j)
             if hf:
-                cases[f"layerskip:{j}"] = hf_run(ids, max_new_tokens, assistant_early_exit=j, num_assistant_tokens=draft_length)
+                cases[f"layerskip:{j}"] = hf_run(ids, max_new_tokens, assistant_early_exit=j, num_assistant_tokens=draft.draft_length)
 
     # Touch every weight once first: weights loaded lazily (mmap) would otherwise count as the first case's memory.
     engine_run(n, ids)
@@ -187,10 +183,7 @@ def run_bench(
         "max_new_tokens": max_new_tokens,
         "prompt_tokens": prompt_tokens,
         "repeats": repeats,
-        "draft_length": draft_length,
-        "draft_threshold": draft_threshold,
-        "draft_vocab": draft_vocab,
-        "draft_width": draft_width,
+        **dataclasses.asdict(draft),
         "batch_size": batch_size,
         "exit_layers": model.exit_layers,
         "matmul_floor_tok_s": 1 / floor,

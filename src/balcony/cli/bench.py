@@ -10,6 +10,7 @@ import torch
 
 from ..bench.report import format_table, plot
 from ..bench.speed import run_bench
+from ..inference.options import DraftOptions
 from ..inference.quantize import parse_mode
 from .common import build_model
 from .registry import command
@@ -71,9 +72,9 @@ def bench(
     m, tok, trained = build_model(model, exits, exit_layers, exit_kind)
     print(f"[bench] exits {'trained' if trained else 'UNTRAINED (initialised from the last layer): speculative acceptance is low'}", file=sys.stderr)
     result = run_bench(
-        m, tok, max_new_tokens=max_new_tokens, prompt_tokens=prompt_tokens, repeats=repeats, draft_length=draft_length,
-        draft_threshold=draft_threshold if draft_threshold and draft_threshold > 0 else None, draft_vocab=draft_vocab or None,
-        draft_width=draft_width, batch_size=batch_size, hf=hf, speculative=speculative, quantize=quantize, compile=compile, log=lambda s: print(s, file=sys.stderr),
+        m, tok, max_new_tokens=max_new_tokens, prompt_tokens=prompt_tokens, repeats=repeats,
+        draft=DraftOptions(draft_length, draft_threshold if draft_threshold and draft_threshold > 0 else None, draft_vocab or None, draft_width),
+        batch_size=batch_size, hf=hf, speculative=speculative, quantize=quantize, compile=compile, log=lambda s: print(s, file=sys.stderr),
     )
     result["exits_trained"] = trained
     print(format_table(result))

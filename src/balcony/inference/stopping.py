@@ -20,6 +20,12 @@ def check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, m
         empty = (attention_mask.sum(-1) == 0).nonzero().flatten().tolist()
         if empty:
             raise ValueError(f"the prompt of sequence(s) {empty} is empty: its attention_mask row is all zeros")
+        right = (attention_mask[:, -1] == 0).nonzero().flatten().tolist()
+        if right:
+            raise ValueError(
+                f"sequence(s) {right} end in padding (attention_mask is 0 in the last column): the batch is right-padded, "
+                "but new tokens follow the last column, so pad prompts on the left (tokenizer.padding_side = 'left')"
+            )
 
 
 class StopChecker:

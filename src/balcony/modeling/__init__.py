@@ -2,6 +2,7 @@
 
 from .config import BalconyConfig
 from .cost import ideal_speedup, kv_cache_bytes
+from .distill import DistillOutput
 from .loading import (
     DEFAULT_EXITS,
     default_exit_layers,
@@ -9,7 +10,6 @@ from .loading import (
     load_base,
     pick_device,
 )
-from .distill import DistillOutput
 from .model import BalconyModel, BalconyOutput, Exit
 from .saving import check_compatible, resolve_exits_dir
 

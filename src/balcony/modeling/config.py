@@ -10,8 +10,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
+
+from .._version import __version__
 
 CONFIG_NAME = "balcony_config.json"
 WEIGHTS_NAME = "balcony_exits.safetensors"
@@ -86,7 +89,7 @@ class BalconyConfig:
     base_architecture: dict[str, Any] | None = None
     num_hidden_layers: int | None = None
     model_type: str | None = None
-    balcony_version: str = "0.1.0"
+    balcony_version: str = __version__
 
     def __post_init__(self) -> None:
         layers = list(self.exit_layers)
@@ -142,11 +145,16 @@ class BalconyConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BalconyConfig":
+        """Build from a dict; fields this version does not know (written by a newer balcony) are dropped with a warning."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown BalconyConfig fields {unknown}; known fields: {sorted(known)}")
-        return cls(**d)
+            warnings.warn(
+                f"ignoring BalconyConfig fields {unknown} that balcony {__version__} does not know "
+                f"(saved by balcony {d.get('balcony_version', '?')}); known fields: {sorted(known)}",
+                stacklevel=2,
+            )
+        return cls(**{k: v for k, v in d.items() if k in known})
 
     def save(self, directory: str | os.PathLike) -> str:
         os.makedirs(directory, exist_ok=True)

@@ -57,7 +57,7 @@ def build_training_model(cfg: TrainConfig) -> tuple[BalconyModel, Any]:
         fresh.config._name_or_path = f"{base.config._name_or_path} (from scratch)"
         base = fresh.eval()
     if cfg.exits_from:
-        model = BalconyModel.from_pretrained(base, cfg.exits_from)
+        model = BalconyModel.from_pretrained(base, cfg.exits_from, is_trainable=True)
         for j in cfg.exit_layers or []:
             if j not in model.config.exit_layers:
                 model.add_exit(j)
