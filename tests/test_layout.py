@@ -25,6 +25,7 @@ LAYERS = {
     "balcony.eval": 3,
     "balcony.bench": 3,
     "balcony.serving": 3,
+    "balcony.studies": 3.5,  # ablation studies: train (training) and score (eval) variants
     "balcony.cli": 4,
     "balcony": 5,  # the package root re-exports the public API
 }
@@ -34,7 +35,7 @@ OPTIONAL = {
     "uvicorn": ("balcony.cli.serve",),
     "starlette": ("balcony.serving",),
     "lm_eval": ("balcony.eval",),
-    "matplotlib": ("balcony.eval.plots", "balcony.bench.report"),
+    "matplotlib": ("balcony.eval.plots", "balcony.bench.report", "balcony.studies.figure"),
     "vllm": ("balcony.vllm",),
 }
 

@@ -68,6 +68,7 @@ class DistillScores:
 
     def __init__(self) -> None:
         self._sums: dict[Hashable, dict[str, float]] = {}
+        self._items: dict[Hashable, dict[Hashable, dict[str, float]]] = {}
 
     @torch.no_grad()
     def update(
@@ -79,6 +80,8 @@ class DistillScores:
         targets: Tensor | None = None,
         mask: Tensor | None = None,
         chunk: int = 512,
+        heads: Mapping[Hashable, Callable[[Tensor], Tensor]] | None = None,
+        item: Hashable | None = None,
     ) -> None:
         """Add a batch of token rows.
 
@@ -89,11 +92,21 @@ class DistillScores:
             targets: (N,) next-token ids, -100 where a token has none (for perplexity).
             mask: (N,) bool, False for tokens that do not count (padding).
             chunk: Rows per logits chunk.
+            heads: key -> the student's own LM head, for students whose head is not `head`
+                (e.g. a model whose base, head included, was trained too); `head` stays the teacher's.
+            item: Also keep these rows' sums apart under this item (a document, a window):
+                `items` returns them, for paired comparisons between students item by item.
         """
         n = teacher.shape[0]
         keep = torch.ones(n, dtype=torch.bool, device=teacher.device) if mask is None else mask.reshape(-1).bool()
+        heads = heads or {}
+        zero = {"kl": 0.0, "agree": 0.0, "nll": 0.0, "tokens": 0, "targets": 0}
         for key in students:
-            self._sums.setdefault(key, {"kl": 0.0, "agree": 0.0, "nll": 0.0, "tokens": 0, "targets": 0})
+            self._sums.setdefault(key, dict(zero))
+        sinks = {key: [self._sums[key]] for key in students}
+        if item is not None:
+            for key in students:
+                sinks[key].append(self._items.setdefault(key, {}).setdefault(item, dict(zero)))
         for s in range(0, n, chunk):
             m = keep[s : s + chunk]
             if not bool(m.any()):
@@ -103,25 +116,41 @@ class DistillScores:
             tgt = None if targets is None else targets.reshape(-1)[s : s + chunk][m]
             has = None if tgt is None else tgt != -100
             for key, rows in students.items():
-                acc = self._sums[key]
-                log_q = torch.log_softmax(head(rows[s : s + chunk][m]).float(), dim=-1)
-                acc["kl"] += float((p * (log_p - log_q)).sum())
-                acc["agree"] += int((log_q.argmax(-1) == top).sum())
-                acc["tokens"] += int(m.sum())
+                log_q = torch.log_softmax(heads.get(key, head)(rows[s : s + chunk][m]).float(), dim=-1)
+                got = {"kl": float((p * (log_p - log_q)).sum()), "agree": int((log_q.argmax(-1) == top).sum()), "tokens": int(m.sum())}
                 if has is not None and bool(has.any()):
-                    acc["nll"] -= float(log_q[has].gather(-1, tgt[has, None]).sum())
-                    acc["targets"] += int(has.sum())
+                    got["nll"] = -float(log_q[has].gather(-1, tgt[has, None]).sum())
+                    got["targets"] = int(has.sum())
+                for acc in sinks[key]:
+                    for name, value in got.items():
+                        acc[name] += value
 
     def result(self) -> dict[Hashable, dict[str, float]]:
         """key -> {"kl": nats/token, "agreement": fraction, "nll": nats/token, "ppl": exp(nll), "tokens": counted}."""
-        out = {}
-        for key, acc in self._sums.items():
-            nll = acc["nll"] / max(acc["targets"], 1)
-            out[key] = {
-                "kl": acc["kl"] / max(acc["tokens"], 1),
-                "agreement": acc["agree"] / max(acc["tokens"], 1),
-                "nll": nll,
-                "ppl": math.exp(min(nll, 700.0)),
-                "tokens": int(acc["tokens"]),
-            }
-        return out
+        return {key: _means(acc) for key, acc in self._sums.items()}
+
+    def items(self, key: Hashable) -> dict[Hashable, dict[str, float]]:
+        """item -> the sums of `key`'s rows added with that `item`: "kl", "agree", "nll" (summed over
+        tokens), "tokens" and "targets" (counts); {} when no rows were added with an item.
+
+        Example:
+            >>> head = torch.nn.Linear(4, 7, bias=False)
+            >>> h = torch.randn(6, 4)
+            >>> s = DistillScores()
+            >>> for doc in (0, 1):
+            ...     s.update(h[3 * doc : 3 * doc + 3], {"same": h[3 * doc : 3 * doc + 3]}, head, item=doc)
+            >>> [v["tokens"] for v in s.items("same").values()]
+            [3, 3]
+        """
+        return {item: dict(acc) for item, acc in self._items.get(key, {}).items()}
+
+
+def _means(acc: Mapping[str, float]) -> dict[str, float]:
+    nll = acc["nll"] / max(acc["targets"], 1)
+    return {
+        "kl": acc["kl"] / max(acc["tokens"], 1),
+        "agreement": acc["agree"] / max(acc["tokens"], 1),
+        "nll": nll,
+        "ppl": math.exp(min(nll, 700.0)),
+        "tokens": int(acc["tokens"]),
+    }

@@ -19,6 +19,7 @@ def evaluate_command(
     exits: str | None = None,
     baseline: list[str] | None = None,
     early_exit: bool = True,
+    paired_against: str = "early-exit",
     budgets: str | None = None,
     limit: int | None = None,
     batch_size: int = 8,
@@ -36,8 +37,10 @@ def evaluate_command(
     """Score every budget on tasks and a text set; print and write a Table-1 style table and plots.
 
     Rows: the full model, each budget (with its non-embedding parameters), plain early exit at
-    the same layers and every --baseline; columns: tasks, their average, the drop against the
-    full model, and KL / top-1 agreement / perplexity on --text. Writes results.{txt,md,csv,json}
+    the same layers and every --baseline (a baseline directory with a base/ folder, written by a
+    recipe that trains the base, is scored on that base, with its own full-model row); columns:
+    tasks, their average, the drop against the full model, and KL / top-1 agreement / perplexity
+    on --text. Writes results.{txt,md,csv,json}
     and accuracy_vs_speedup.png / accuracy_vs_params.png into --output.
 
     Args:
@@ -49,6 +52,7 @@ def evaluate_command(
         exits: Trained exits directory (or hub id); without it, fresh untrained exits are scored (with a warning).
         baseline: Other exits to compare, as NAME=DIR (repeatable, or comma-separated; same base model).
         early_exit: Include plain early exit (final norm + head) at the same layers.
+        paired_against: The method every row is compared with item by item at its layer (paired difference +- standard error on tasks and text windows): early-exit, balcony (the --exits) or a --baseline name.
         budgets: Only these budgets of --exits (names or layers, comma-separated); the full model is always scored.
         limit: Items per task (None: all).
         batch_size: Sequences per forward pass.
@@ -72,6 +76,7 @@ def evaluate_command(
         text=text,
         baselines=",".join(baseline) if baseline else None,
         early_exit=early_exit,
+        paired_against=paired_against,
         budgets=budgets,
         limit=limit,
         batch_size=batch_size,

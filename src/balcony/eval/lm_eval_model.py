@@ -129,14 +129,19 @@ class BalconyLM(HFLM):
 
     # ------------------------------------------------------------------ budget
     def set_budget(self, budget: str | int | None, model: BalconyModel | None = None) -> None:
-        """Answer at `budget` from now on (optionally with another `BalconyModel` on the same base).
+        """Answer at `budget` from now on (optionally with another `BalconyModel`).
+
+        The other model may sit on another base (e.g. a baseline whose base was trained
+        too) as long as it reads the same tokens: the same vocabulary size.
 
         Raises:
-            ValueError: unknown budget; the message lists the model's budgets.
+            ValueError: unknown budget (the message lists the model's budgets), or a
+                model with another vocabulary size.
         """
         if model is not None:
-            if model.base is not self.balcony.base:
-                raise ValueError("set_budget: the new BalconyModel must share this adapter's base model")
+            mine, theirs = self.balcony.parts.lm_head.weight.shape[0], model.parts.lm_head.weight.shape[0]
+            if model.base is not self.balcony.base and mine != theirs:
+                raise ValueError(f"set_budget: the new BalconyModel has {theirs} vocabulary entries, this adapter's model {mine}")
             self.balcony = model
         self._exit_layer = self.balcony.resolve_exit(budget)
 
@@ -247,7 +252,7 @@ class SharedBudgetsLM(BalconyLM):
     truncation and results match `HFLM._loglikelihood_tokens`.
 
     Args:
-        variants: What to score (all on the same base model).
+        variants: What to score (one base pass per distinct base model feeds its variants).
         tokenizer: The base model's tokenizer.
         batch_size: Sequences per forward pass.
         shared: False scores each variant with the plain `BalconyLM` path (the harness's own loop).
@@ -295,7 +300,6 @@ class SharedBudgetsLM(BalconyLM):
         from tqdm.auto import tqdm
 
         bs = self.batch_size if isinstance(self.batch_size, int) and self.batch_size > 0 else 8
-        head = self.balcony.parts.lm_head
         bar = tqdm(total=len(todo), disable=disable_tqdm, desc=f"Scoring {len(self.variants)} variants at once")
         for start in range(0, len(todo), bs):
             batch = todo[start : start + bs]
@@ -317,6 +321,7 @@ class SharedBudgetsLM(BalconyLM):
             seg = torch.repeat_interleave(torch.arange(len(batch)), torch.tensor([e - s for s, e in spans])).to(self.device)
             results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
             for key, h in hidden.items():
+                head = self.variants[key].model.parts.lm_head  # a baseline with its own trained base has its own head
                 states = h[b_idx, t_idx]
                 ll = torch.empty(len(t_idx), dtype=torch.float32, device=self.device)
                 greedy = torch.empty(len(t_idx), dtype=torch.bool, device=self.device)

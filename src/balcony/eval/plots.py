@@ -194,7 +194,8 @@ def plot_report(report: "EvalReport", output_dir: str | os.PathLike, *, bench: S
     ):
         fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
         for i, method in enumerate(methods):
-            rows = [r for r in report.rows if r.method == method] + ([full] if full else [])
+            own_full = any(r.layer == full.layer for r in report.rows if r.method == method) if full else True
+            rows = [r for r in report.rows if r.method == method] + ([full] if full and not own_full else [])
             rows = [r for r in rows if y_of(r) is not None]
             if not rows:
                 continue

@@ -41,9 +41,12 @@ class ReportRow:
         speedup: measured speed-up from `balcony bench`, when given.
         ideal_speedup: compute of the full model / compute of this row (layers, exit, norm and LM head).
         metrics: task -> every metric the harness reported (unscaled).
-        paired: task -> metric -> `paired_difference` of this row against plain early exit at
-            the same layer over the same documents ("diff"/"se" in points where the column is a
-            percentage), plus "against": that row's key. Empty for the full model and early exit.
+        paired: task -> metric -> `paired_difference` of this row against the reference row
+            (plain early exit at the same layer by default, see `make_report`'s `paired_against`)
+            over the same documents ("diff"/"se" in points where the column is a percentage),
+            plus "against": that row's key. Empty for the reference rows themselves.
+        paired_text: The same for the text metrics, window by window: "kl" (nats/token),
+            "agreement" (points) and "nll" (nats/token) minus the reference's.
     """
 
     key: str
@@ -59,6 +62,7 @@ class ReportRow:
     ideal_speedup: float = 1.0
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     paired: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    paired_text: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -124,16 +128,23 @@ class EvalReport:
         return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in rows] + self.paired_lines())
 
     def paired_lines(self) -> list[str]:
-        """Each row against plain early exit at its layer, item by item: difference +- standard error."""
+        """Each row against its reference row (plain early exit by default), item by item: difference +- standard error."""
         lines = []
+        text_labels = {"kl": "text KL", "agreement": "text top-1 agree %", "nll": "text NLL"}
         for r in self.rows:
             for t, by_metric in r.paired.items():
                 for name, p in by_metric.items():
                     label = _task_label(t, name, self.percent.get(t, False))
                     lines.append(f"  {r.key:<14} {label:<22} {p['diff']:+.2f} +- {p['se']:.2f}  "
                                  f"({p['wins']} items won, {p['losses']} lost of {p['n']})")
+            for name, p in r.paired_text.items():
+                lines.append(f"  {r.key:<14} {text_labels.get(name, name):<22} {p['diff']:+.4f} +- {p['se']:.4f}  "
+                             f"(vs {p['against']}, {p['n']} windows)")
         if lines:
-            against = "paired: each row minus plain early exit at the same layer, on the same items (diff +- standard error)"
+            reference = self.meta.get("paired_against", EARLY_EXIT)
+            what = "plain early exit" if reference == EARLY_EXIT else f"{reference!r}"
+            against = (f"paired: each row minus {what} at the same layer (full models minus the evaluated base), "
+                       "on the same items (diff +- standard error)")
             lines = ["", against] + lines
         return lines
 
@@ -240,17 +251,28 @@ def make_report(
     bench: Sequence[Any] | None = None,
     metric: str | None = None,
     meta: Mapping[str, Any] | None = None,
+    paired_against: str = EARLY_EXIT,
 ) -> EvalReport:
     """Assemble the table: per-task shown metric, average, drop vs the full model, distillation, speed-ups.
 
     Args:
         variants: The rows, from `build_variants`.
         task_results: From `evaluate_tasks`.
-        distill: From `distillation_metrics`.
+        distill: From `distillation_metrics` (with ``per_window=True`` its windows give the
+            paired text lines; they are not kept in the rows).
         bench: Points from `balcony.eval.plots.read_bench` (measured speed-ups).
         metric: Preferred metric per task column (default acc, then exact_match, ...).
         meta: Extra information for the JSON.
+        paired_against: The method every other row is compared with, item by item, at the
+            same layer (default plain early exit); a baseline's own full model is compared
+            with the evaluated model's (``full``).
+
+    Raises:
+        ValueError: `paired_against` is not a method among the variants.
     """
+    methods = list(dict.fromkeys(v.method for v in variants))
+    if paired_against not in methods and paired_against != EARLY_EXIT:
+        raise ValueError(f"paired_against={paired_against!r} is not one of the evaluated methods: {', '.join(methods)}")
     from .plots import match_speedup
 
     tasks = list(task_results.scores[variants[0].key]) if task_results and task_results.scores else []
@@ -281,7 +303,7 @@ def make_report(
                 params=v.params,
                 scores=scores,
                 average=sum(averaged) / len(averaged) if averaged else None,
-                distill=dict(distill[v.key]) if distill and v.key in distill else None,
+                distill={k: x for k, x in distill[v.key].items() if k != "windows"} if distill and v.key in distill else None,
                 speedup=1.0 if v.full and bench else (match_speedup(bench, v.method, v.budget, v.layer) if bench else None),
                 # compute per token: layers + exit + norm + the LM head (as `balcony bench` counts it)
                 ideal_speedup=(full_params + v.model.parts.lm_head.weight.numel()) / (v.params + v.model.parts.lm_head.weight.numel()),
@@ -291,12 +313,13 @@ def make_report(
     full_avg = rows[0].average if rows and variants[0].full else None
     for r in rows:
         r.drop = None if r.average is None or full_avg is None else r.average - full_avg
-    if task_results and task_results.items:
-        twins = {v.layer: v.key for v in variants if v.method == EARLY_EXIT}
-        for r in rows:
-            twin = twins.get(r.layer)
-            if r.method in (FULL, EARLY_EXIT) or twin is None:
-                continue
+    twins = {v.layer: v.key for v in variants if v.method == paired_against and not v.full}
+    primary_full = next((v.key for v in variants if v.key == FULL), None)
+    for r, v in zip(rows, variants):
+        twin = primary_full if v.full else twins.get(r.layer)
+        if twin is None or twin == r.key or r.method == paired_against:
+            continue
+        if task_results and task_results.items:
             mine, theirs = task_results.items.get(r.key, {}), task_results.items.get(twin, {})
             for t in tasks:
                 for name in sorted(set(mine.get(t, {})) & set(theirs.get(t, {}))):
@@ -307,6 +330,13 @@ def make_report(
                     if percent[t]:
                         p["diff"], p["se"] = 100 * p["diff"], 100 * p["se"]
                     r.paired.setdefault(t, {})[name] = {**p, "against": twin}
+        windows = (distill or {}).get(r.key, {}).get("windows"), (distill or {}).get(twin, {}).get("windows")
+        if windows[0] and windows[1]:
+            for name in ("kl", "agreement", "nll"):
+                p = paired_difference(windows[0][name], windows[1][name])
+                if name == "agreement":
+                    p["diff"], p["se"] = 100 * p["diff"], 100 * p["se"]
+                r.paired_text[name] = {**p, "against": twin}
     order = {m: i for i, m in enumerate(dict.fromkeys(v.method for v in variants))}
     rows.sort(key=lambda r: (r.key != FULL, order[r.method], r.layer))
-    return EvalReport(rows=rows, tasks=tasks, shown=shown, percent=percent, meta=dict(meta or {}))
+    return EvalReport(rows=rows, tasks=tasks, shown=shown, percent=percent, meta={**dict(meta or {}), "paired_against": paired_against})

@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping, Sequence
 from .harness import ENGINES, evaluate_tasks, resolve_tasks
 from .report import RESULT_FILES, EvalReport, make_report
 from .texts import distillation_metrics, load_texts
-from .variants import FULL, build_variants, load_balcony
+from .variants import BALCONY, EARLY_EXIT, FULL, build_variants, load_balcony
 
 
 def _split_list(value: str | Sequence[str] | None) -> list[str]:
@@ -75,6 +75,8 @@ def run_evaluation(
     text: str | Sequence[str] | None = None,
     baselines: str | Mapping[str, str] | None = None,
     early_exit: bool = True,
+    paired_against: str = EARLY_EXIT,
+    method: str = BALCONY,
     budgets: str | Sequence[str | int] | None = None,
     exit_layers: Sequence[int] | None = None,
     limit: int | None = None,
@@ -94,7 +96,8 @@ def run_evaluation(
     """Score every budget (and the baselines) on tasks and a text set; write the table and plots.
 
     Inputs are all checked (task names, data files, baselines, bench JSON, text)
-    before the model is loaded. See `evaluate_command` for the arguments.
+    before the model is loaded. See `evaluate_command` for the arguments; `method`
+    names the rows of `exits` (default ``balcony``).
 
     Returns:
         The `EvalReport` (also written into `output` when given).
@@ -112,6 +115,9 @@ def run_evaluation(
     if not task_names and not text:
         raise ValueError("nothing to evaluate: give --tasks / --task-data and/or --text")
     baseline_dirs = parse_baselines(baselines)
+    methods = [method, *([EARLY_EXIT] if early_exit else []), *baseline_dirs]
+    if paired_against not in methods and paired_against != EARLY_EXIT:
+        raise ValueError(f"paired_against={paired_against!r} is not one of the evaluated methods: {', '.join(methods)}")
     out_dir = Path(output) if output else None
     include = _split_list(include_path)
     for p in include:
@@ -136,7 +142,8 @@ def run_evaluation(
     for w in caught:
         if log:
             log(f"[eval] warning: {w.message}")
-    variants = build_variants(m, early_exit=early_exit, baselines=baseline_dirs, budgets=_split_list(budgets) if isinstance(budgets, str) else budgets)
+    variants = build_variants(m, early_exit=early_exit, baselines=baseline_dirs, budgets=_split_list(budgets) if isinstance(budgets, str) else budgets,
+                              method=method)
     if log:
         log(f"[eval] {len(variants)} variants: {', '.join(v.key for v in variants)} (model loaded in {time.perf_counter() - t0:.1f} s)")
     meta: dict[str, Any] = {
@@ -165,10 +172,11 @@ def run_evaluation(
     distill = None
     if passages:
         t1 = time.perf_counter()
-        distill = distillation_metrics(variants, tok, passages, seq_len=seq_len, max_tokens=text_tokens, batch_size=batch_size, progress=log is not None)
+        distill = distillation_metrics(variants, tok, passages, seq_len=seq_len, max_tokens=text_tokens, batch_size=batch_size, progress=log is not None,
+                                       per_window=True)
         meta["distill_seconds"] = time.perf_counter() - t1
         meta["distill_tokens"] = distill[FULL]["tokens"]
-    report = make_report(variants, task_results, distill, bench=bench, metric=metric, meta=meta)
+    report = make_report(variants, task_results, distill, bench=bench, metric=metric, meta=meta, paired_against=paired_against)
     if out_dir:
         plots = {}
         if plot:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
 from ..metrics import DistillScores
-from .variants import Variant, exit_hidden_states
+from .variants import FULL, Variant, exit_hidden_states
 
 
 def load_texts(source: str | os.PathLike | Iterable[str]) -> list[str]:
@@ -87,12 +87,15 @@ def distillation_metrics(
     batch_size: int = 8,
     chunk_tokens: int = 256,
     progress: bool = False,
-) -> dict[str, dict[str, float]]:
+    per_window: bool = False,
+) -> dict[str, dict[str, Any]]:
     """KL(full || variant), top-1 agreement with the full model and perplexity, per variant.
 
-    One base pass per batch feeds every variant; logits are made `chunk_tokens`
-    positions at a time (the teacher's once per chunk), so memory never holds
-    (tokens x vocab) for more than one variant.
+    One pass of each base per batch feeds every variant on it; logits are made
+    `chunk_tokens` positions at a time (the teacher's once per chunk), so memory never
+    holds (tokens x vocab) for more than one variant. The teacher is the evaluated
+    model's base (the variant keyed ``full``); a variant on its own trained base is
+    read through its own LM head.
 
     Args:
         variants: Must include the full model (`build_variants` does).
@@ -103,13 +106,19 @@ def distillation_metrics(
         batch_size: Windows per forward pass.
         chunk_tokens: Positions per logits chunk.
         progress: Show a progress bar.
+        per_window: Also return each window's values under ``"windows"``: {"kl": [...],
+            "agreement": [...], "nll": [...]}, one number per window (same window order for
+            every variant), scaled so that their mean is the overall token-weighted value;
+            `balcony.eval.stats.paired_difference` of two variants' lists is then the
+            difference of their overall values with a standard error that treats each
+            window, not each token, as one observation.
 
     Returns:
         key -> {"kl": nats/token, "agreement": fraction, "ppl": perplexity,
         "nll": nats/token, "tokens": positions scored}. KL and agreement count every
         position; perplexity the positions that have a next token.
     """
-    full = next((v for v in variants if v.full), None)
+    full = next((v for v in variants if v.key == FULL), None) or next((v for v in variants if v.full), None)
     if full is None:
         raise ValueError("distillation metrics need the full model among the variants (the teacher)")
     passages = load_texts(texts) if isinstance(texts, (str, os.PathLike)) else list(texts)
@@ -117,6 +126,7 @@ def distillation_metrics(
     if not windows:
         raise ValueError("the text set gives no window of 2 or more tokens")
     head = full.model.parts.lm_head
+    heads = {v.key: v.model.parts.lm_head for v in variants if v.model.parts.lm_head is not head}
     device = next(head.parameters()).device
     scores = DistillScores()
     batches = [windows[s : s + batch_size] for s in range(0, len(windows), batch_size)]
@@ -124,7 +134,7 @@ def distillation_metrics(
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, desc="distillation metrics", unit="batch")
-    for batch in batches:
+    for b, batch in enumerate(batches):
         width = len(batch[0])
         ids = torch.zeros(len(batch), width, dtype=torch.long, device=device)
         real = torch.zeros(len(batch), width, dtype=torch.bool, device=device)
@@ -135,6 +145,23 @@ def distillation_metrics(
             target[i, : len(w) - 1] = torch.tensor(w[1:])
         # Right padding needs no mask: causal attention never lets a real position see it.
         hidden = exit_hidden_states(variants, ids)
-        rows = {k: h.reshape(-1, h.shape[-1]) for k, h in hidden.items()}
-        scores.update(rows[full.key], rows, head, targets=target.reshape(-1), mask=real.reshape(-1), chunk=chunk_tokens)
-    return scores.result()
+        if not per_window:
+            rows = {k: h.reshape(-1, h.shape[-1]) for k, h in hidden.items()}
+            scores.update(rows[full.key], rows, head, targets=target.reshape(-1), mask=real.reshape(-1), chunk=chunk_tokens, heads=heads)
+            continue
+        for i in range(len(batch)):  # one update per window keeps its sums apart
+            rows = {k: h[i] for k, h in hidden.items()}
+            scores.update(rows[full.key], rows, head, targets=target[i], mask=real[i], chunk=chunk_tokens, heads=heads, item=b * batch_size + i)
+    out: dict[str, dict[str, Any]] = scores.result()
+    if per_window:
+        for key in out:
+            items = scores.items(key)
+            windows = [items[w] for w in sorted(items)]
+            tokens = sum(w["tokens"] for w in windows) / len(windows)
+            targets = max(sum(w["targets"] for w in windows) / len(windows), 1e-9)
+            out[key]["windows"] = {
+                "kl": [w["kl"] / tokens for w in windows],
+                "agreement": [w["agree"] / tokens for w in windows],
+                "nll": [w["nll"] / targets for w in windows],
+            }
+    return out

@@ -1,4 +1,9 @@
-"""What is evaluated: the full model, each budget, plain early exit and baselines, all scored from one pass of the shared base."""
+"""What is evaluated: the full model, each budget, plain early exit and baselines, scored from one pass per base model.
+
+Baselines are exits on the evaluated model's base, or (when their directory holds a
+``base/`` folder, as training with a recipe that trains the base writes it) exits on
+their own trained base: those add a full-model row of their own.
+"""
 
 from __future__ import annotations
 
@@ -104,8 +109,9 @@ class Variant:
         method: ``full``, ``balcony``, ``early-exit`` or a baseline's name.
         budget: The budget name (``S``, ..., the full budget's name for ``full``).
         layer: Exit layer (N for the full model).
-        model: The `BalconyModel` holding this exit (all variants share one base).
-        full: True for the full model (final norm of the base, no exit module).
+        model: The `BalconyModel` holding this exit (variants on one base share it).
+        full: True for a full model (final norm of the base, no exit module): the evaluated
+            model's (method ``full``) or a baseline's own trained base.
     """
 
     method: str
@@ -116,8 +122,8 @@ class Variant:
 
     @property
     def key(self) -> str:
-        """``"full"`` or ``"<method>/<budget>"``."""
-        return FULL if self.full else f"{self.method}/{self.budget}"
+        """``"full"`` (the evaluated model's base) or ``"<method>/<budget>"`` (``"unfrozen/XL"``: a baseline's own base)."""
+        return FULL if self.full and self.method == FULL else f"{self.method}/{self.budget}"
 
     @property
     def params(self) -> int:
@@ -143,14 +149,17 @@ def build_variants(
     Args:
         model: The Balcony model under test.
         early_exit: Add the plain early-exit baseline at `model`'s exit layers.
-        baselines: name -> exits directory (loaded onto `model`'s base) or `BalconyModel`
-            on the same base; all their budgets are scored.
+        baselines: name -> exits directory or `BalconyModel`; all their budgets are scored.
+            A directory is loaded onto `model`'s base, unless it holds a ``base/`` folder (a
+            recipe that trained the base saved it there): then onto that base, which adds the
+            baseline's own full-model row (``"<name>/<full budget>"``). A `BalconyModel` on
+            another base also adds its full row.
         budgets: Restrict `model` and its early-exit twin to these budgets (names or layers).
         method: The name of `model`'s rows.
 
     Raises:
         ValueError: a budget `model` does not have, a clashing or empty baseline name,
-            or a baseline on another base model.
+            or a baseline whose base has another vocabulary or depth.
     """
     n = model.num_layers
     pairs = list(zip(model.config.budget_names[:-1], model.exit_layers))
@@ -165,11 +174,35 @@ def build_variants(
     for name, source in (baselines or {}).items():
         if not name or "/" in name or name.lower() in RESERVED_METHODS or name == method:
             raise ValueError(f"baseline name {name!r} is not allowed: use a non-empty name without '/', not one of {RESERVED_METHODS}")
-        other = source if isinstance(source, BalconyModel) else BalconyModel.from_pretrained(model.base, source)
+        other = source if isinstance(source, BalconyModel) else _load_baseline(model, source)
         if other.base is not model.base:
-            raise ValueError(f"baseline {name!r} is built on another base model; baselines must share the evaluated model's base")
+            _check_same_shape(model, other, name)
+            variants.append(Variant(name, other.config.full_budget, other.num_layers, other, full=True))
         variants += [Variant(name, b, j, other) for b, j in zip(other.config.budget_names[:-1], other.exit_layers)]
     return variants
+
+
+TRAINED_BASE_DIR = "base"
+
+
+def _load_baseline(model: BalconyModel, directory: str | os.PathLike) -> BalconyModel:
+    """Exits from `directory` on `model`'s base, or on the trained base saved in ``directory/base``."""
+    own = os.path.join(os.fspath(directory), TRAINED_BASE_DIR)
+    if not os.path.isdir(own):
+        return BalconyModel.from_pretrained(model.base, directory)
+    ref = next(model.base.parameters())
+    base, _ = load_base(own, dtype=ref.dtype, device=ref.device)
+    return BalconyModel.from_pretrained(base, directory)
+
+
+def _check_same_shape(model: BalconyModel, other: BalconyModel, name: str) -> None:
+    """A baseline on its own base must read the same tokens (vocabulary) and have the same depth."""
+    mine, theirs = model.parts.lm_head.weight.shape[0], other.parts.lm_head.weight.shape[0]
+    if mine != theirs or model.num_layers != other.num_layers:
+        raise ValueError(
+            f"baseline {name!r} has its own base with {theirs} vocabulary entries and {other.num_layers} layers; "
+            f"the evaluated model has {mine} and {model.num_layers}: a baseline's base must share the tokenizer and depth"
+        )
 
 
 @torch.no_grad()
@@ -179,25 +212,25 @@ def exit_hidden_states(
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One pass of the shared base feeding every variant: key -> (B, T, H) state before the LM head.
+    """One pass of each base feeding every variant on it: key -> (B, T, H) state before the LM head.
 
-    The base runs its N layers once; each exit runs on the hidden state at its
+    Each base runs its N layers once; each exit runs on the hidden state at its
     layer, exactly as `BalconyModel.forward` would at that budget (and as
-    `distill_forward` does for one model's exits).
-
-    Raises:
-        ValueError: the variants do not all share one base model.
+    `distill_forward` does for one model's exits). Variants on the same base (the
+    usual case) cost one pass; a baseline with its own trained base costs one more.
     """
-    lead = variants[0].model
-    if any(v.model.base is not lead.base for v in variants):
-        raise ValueError("variants must share one base model to be scored from one pass")
-    # One base pass (as distill_forward) feeds several models' exits.
-    wanted = {v.layer for v in variants if not v.full}
-    taps, final, (masks, layer_kwargs) = lead.base_pass(input_ids, wanted, attention_mask, position_ids)
-    out: dict[str, torch.Tensor] = {}
+    groups: dict[int, list[Variant]] = {}
     for v in variants:
-        if v.full:
-            out[v.key] = final
-        else:
-            out[v.key] = v.model._run_exit(v.layer, taps[v.layer], masks, layer_kwargs, None, False)
-    return out
+        groups.setdefault(id(v.model.base), []).append(v)
+    out: dict[str, torch.Tensor] = {}
+    for group in groups.values():
+        lead = group[0].model
+        # One base pass (as distill_forward) feeds several models' exits.
+        wanted = {v.layer for v in group if not v.full}
+        taps, final, (masks, layer_kwargs) = lead.base_pass(input_ids, wanted, attention_mask, position_ids)
+        for v in group:
+            if v.full:
+                out[v.key] = final
+            else:
+                out[v.key] = v.model._run_exit(v.layer, taps[v.layer], masks, layer_kwargs, None, False)
+    return {v.key: out[v.key] for v in variants}

@@ -38,7 +38,8 @@ class TrainConfig:
         recipe: balcony (frozen base, the paper) | unfrozen (base trains too) |
             sorted (no exit modules; whole model trained with the loss at every exit through
             the shared norm and head) | pretrain (random base + exits, mean CE over every
-            sub-model and the full model).
+            sub-model and the full model; with exit_kind norm the exits share the base's final
+            norm: Sorted pretraining).
         dataset: Hub id or local txt/jsonl/parquet file or directory; None = the generated default corpus.
         dataset_config, split, text_field, messages_field, streaming: How to read `dataset`.
         corpus_tokens: Tokens of generated default corpus when `dataset` is None.

@@ -67,8 +67,9 @@ def build_training_model(cfg: TrainConfig) -> tuple[BalconyModel, Any]:
         kind = "norm" if cfg.recipe == "sorted" else cfg.exit_kind
         torch.manual_seed(cfg.seed)
         model = BalconyModel(base, BalconyConfig(exit_layers=list(layers), exit_kind=kind, init=cfg.init, budget_names=cfg.budget_names))
-    if cfg.recipe == "sorted":
-        # No exit modules: every exit reads through the base's own (shared, trained) final norm.
+    if cfg.recipe == "sorted" or (cfg.recipe == "pretrain" and cfg.exit_kind == "norm"):
+        # No exit modules: every exit reads through the base's own (shared, trained) final norm
+        # (pretrain + exit_kind norm is Sorted pretraining from scratch, the paper's Table 4 baseline).
         for j in model.config.exit_layers:
             model.exits[str(j)].norm = model.parts.norm
     if cfg.recipe in ("unfrozen", "sorted", "pretrain"):
