@@ -24,6 +24,7 @@ import torch
 
 from ..eval.report import EvalReport
 from ..eval.run import run_evaluation
+from ..eval.texts import load_texts
 from ..modeling.loading import load_base
 from ..modeling.model import BalconyModel
 from ..training.config import TrainConfig
@@ -228,7 +229,7 @@ def run_study(
     dirs = {n: Path(c.output_dir) for n, c in configs.items()}
     full_models = None
     if not spec.from_scratch:
-        probe_text = Path(text).read_text(encoding="utf-8")[:4000] if text and Path(text).is_file() else _PROBE_TEXT
+        probe_text = " ".join(load_texts(text)[:3]) if text else _PROBE_TEXT
         full_models = check_full_models(model, dirs, {n: c.recipe != "balcony" for n, c in configs.items()}, probe_text)
         _write_json(out / "full_models.json", full_models)
         say("[ablate] full models: " + ", ".join(f"{n} {'exact' if f['exact'] else 'changed'}" for n, f in full_models.items()))

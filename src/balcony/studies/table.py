@@ -22,7 +22,6 @@ def _num(x: float | None, digits: int = 2) -> str:
 def panel_table(report: EvalReport, study: Study, variants: Sequence[str], labels: Mapping[str, str] | None = None) -> str:
     """Markdown rows of `variants` (and plain early exit, the full model): tasks, average, text metrics, paired differences."""
     labels = labels or {}
-    depth = max(r.layer for r in report.rows)
     tasks = [_task_label(t, report.shown[t], report.percent[t]) for t in report.tasks]
     cols = ["variant", "budget", "layer", *tasks]
     if report.tasks:
@@ -54,7 +53,6 @@ def panel_table(report: EvalReport, study: Study, variants: Sequence[str], label
             pt = r.paired_text
             cells += [_pm(pt.get("kl"), 3), _pm(pt.get("agreement"), 2), _pm(pt.get("nll"), 3)]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    del depth
     return "\n".join(lines)
 
 
