@@ -187,6 +187,28 @@ def test_an_interrupted_variant_resumes_from_its_checkpoint(tiny, tmp_path):
     assert (out / "variants" / "balcony" / "metrics.json").is_file()  # the reference, deleted, was trained again
 
 
+def test_the_full_model_check_compares_logits(tiny, tmp_path):
+    """Each variant's served full model against the base, measured (not assumed from the recipe)."""
+    tok = tiny_hf_tokenizer()
+    base = tiny_base(vocab_size=len(tok))
+    for name in ("frozen", "trained-same", "trained-changed"):
+        BalconyModel(base, BalconyConfig(exit_layers=[2, 4])).save_pretrained(tmp_path / name)
+    for name, scale in (("trained-same", 1.0), ("trained-changed", 1.5)):
+        with torch.no_grad():
+            base.model.layers[3].mlp.down_proj.weight.mul_(scale)
+        base.save_pretrained(tmp_path / name / "base")
+        tok.save_pretrained(tmp_path / name / "base")
+    dirs = {n: tmp_path / n for n in ("frozen", "trained-same", "trained-changed")}
+    trains = {"frozen": False, "trained-same": True, "trained-changed": True}
+    got = study_runner.check_full_models(str(tiny["base"]), dirs, trains, "hello world w1 w2 the")
+    assert got["frozen"] == {"exact": True, "max_abs_diff": 0.0, "trains_base": False}
+    assert got["trained-same"]["exact"] and got["trained-same"]["max_abs_diff"] == 0.0  # a trained base that did not move is exact
+    assert not got["trained-changed"]["exact"] and got["trained-changed"]["max_abs_diff"] > 1e-4
+    (tmp_path / "frozen" / "base").mkdir()
+    with pytest.raises(AssertionError, match="frozen variant 'frozen' saved a base model"):
+        study_runner.check_full_models(str(tiny["base"]), {"frozen": tmp_path / "frozen"}, {"frozen": False}, "hello world w1 w2 the")
+
+
 # ---------------------------------------------------------------- Table 4 end to end
 
 

@@ -25,6 +25,7 @@ def ablate_command(
     task_data: str | None = None,
     limit: int | None = None,
     text_tokens: int = 16384,
+    eval_seq_len: int = 512,
     evaluate: bool = True,
     scratch_layers: int = 8,
     scratch_hidden: int = 256,
@@ -57,6 +58,7 @@ def ablate_command(
         task_data: Offline task data: piqa=PATH,arc_easy=PATH,lambada=PATH[,piqa-labels=PATH].
         limit: Items per task.
         text_tokens: Tokens of --text to score.
+        eval_seq_len: Tokens per window of --text (each window is one paired observation).
         evaluate: Evaluate and judge the claims after training.
         scratch_layers: table4: layers of the from-scratch model.
         scratch_hidden: table4: its hidden size (4 heads, 2 KV heads, MLP 3x).
@@ -84,6 +86,7 @@ def ablate_command(
         task_data=task_data,
         limit=limit,
         text_tokens=text_tokens,
+        eval_seq_len=eval_seq_len,
         evaluate=evaluate,
         scratch=ScratchSpec(layers=scratch_layers, hidden=scratch_hidden, intermediate=3 * scratch_hidden, vocab=scratch_vocab),
         progress=progress,
