@@ -110,12 +110,13 @@ def check_full_models(model: str | None, dirs: Mapping[str, Path], trains_base: 
             served, _ = load_base(str(own))
             logits = BalconyModel.from_pretrained(served, directory)(ids).logits
         else:
-            assert not own.exists(), f"frozen variant {name!r} saved a base model in {own}: its base must stay the original"
+            if own.exists():  # raised, not asserted: the check must hold under python -O too
+                raise AssertionError(f"frozen variant {name!r} saved a base model in {own}: its base must stay the original")
             logits = BalconyModel.from_pretrained(base, directory)(ids).logits
         exact = torch.equal(logits, reference)
         out[name] = {"exact": exact, "max_abs_diff": float((logits - reference).abs().max()), "trains_base": trains_base[name]}
-        if not trains_base[name]:
-            assert exact, f"frozen variant {name!r}: the full budget differs from the base model (max |diff| {out[name]['max_abs_diff']:.3g})"
+        if not trains_base[name] and not exact:
+            raise AssertionError(f"frozen variant {name!r}: the full budget differs from the base model (max |diff| {out[name]['max_abs_diff']:.3g})")
     return out
 
 
