@@ -209,6 +209,30 @@ def test_the_full_model_check_compares_logits(tiny, tmp_path):
         study_runner.check_full_models(str(tiny["base"]), {"frozen": tmp_path / "frozen"}, {"frozen": False}, "hello world w1 w2 the")
 
 
+def test_runners_on_one_study_share_the_variants(tiny, tmp_path, monkeypatch):
+    """A variant another runner holds is skipped, then waited for; nothing is trained twice at once."""
+    fcntl = pytest.importorskip("fcntl")
+    out = tmp_path / "study"
+    held = out / "variants" / "mlp"
+    held.mkdir(parents=True)
+    handle = open(held / ".study.lock", "w")
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # "another runner" trains mlp
+    trained, lines = [], []
+    real = study_runner.train
+    monkeypatch.setattr(study_runner, "train", lambda cfg: (trained.append(cfg.output_dir.rsplit("/", 1)[-1]), real(cfg)))
+
+    def other_runner_stops(seconds):
+        assert trained == ["balcony"]  # the free variant went first
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+    monkeypatch.setattr(study_runner, "_sleep", other_runner_stops)
+    _figure5(tiny, out, variants="mlp", evaluate=False, log=lines.append)
+    assert trained == ["balcony", "mlp"]
+    assert "[ablate] waiting for another runner to finish mlp" in lines
+    assert json.loads((held / study_runner.WALL_FILE).read_text())["seconds"] > 0
+
+
 # ---------------------------------------------------------------- Table 4 end to end
 
 

@@ -1,7 +1,8 @@
 """`run_study`: plan, train every variant (skipping finished ones, resuming interrupted ones), check full models, evaluate once, judge, draw.
 
 Everything lands in one output folder, so running the same command again
-continues where it stopped:
+continues where it stopped (and several runners on one folder share the variants:
+each trains those no other runner holds, see `_claim`):
 
     OUT/plan.json              the steps and every variant's TrainConfig (fixed at the first run)
     OUT/variants/<name>/       each variant's training run (checkpoints while running; exits when done)
@@ -13,12 +14,13 @@ continues where it stopped:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -217,15 +219,12 @@ def run_study(
     plan.setdefault("wall_seconds", {}).update(wall)
     _write_json(plan_path, plan)
 
+    _train_all(configs, spec, say)
     for name, cfg in configs.items():
-        if variant_done(cfg):
-            say(f"[ablate] {name}: done, skipped")
-            continue
-        say(f"[ablate] training {name} ({spec.variant(name).label}): {cfg.max_steps} steps")
-        t = time.perf_counter()
-        train(cfg)
-        plan["wall_seconds"][f"train {name}"] = plan["wall_seconds"].get(f"train {name}", 0.0) + time.perf_counter() - t
-        _write_json(plan_path, plan)
+        spent = Path(cfg.output_dir) / WALL_FILE
+        if spent.is_file():
+            plan["wall_seconds"][f"train {name}"] = json.loads(spent.read_text())["seconds"]
+    _write_json(plan_path, plan)
 
     dirs = {n: Path(c.output_dir) for n, c in configs.items()}
     full_models = None
@@ -252,6 +251,67 @@ def run_study(
     for c in claims:
         say(f"[ablate] claim {c.claim}: {c.verdict} ({c.reason})")
     return StudyResult(out, plan, report, claims, figure, markdown)
+
+
+WALL_FILE = "study_wall_seconds.json"
+
+
+@contextlib.contextmanager
+def _claim(directory: Path) -> Iterator[bool]:
+    """Hold an exclusive lock on a variant's folder while training it: True if this process got it.
+
+    Several `run_study` processes on one study (one per machine, GPU or spare core) then
+    share the variants: each trains those nobody else holds and waits for the rest.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # no POSIX locks (Windows): one runner per study
+        yield True
+        return
+    with open(directory / ".study.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _train_all(configs: Mapping[str, TrainConfig], spec: Study, say: Callable[[str], None], poll_seconds: float = 30.0) -> None:
+    """Train every unfinished variant; those another runner holds are waited for."""
+    pending = dict(configs)
+    while pending:
+        waiting = []
+        for name, cfg in list(pending.items()):
+            if variant_done(cfg):
+                say(f"[ablate] {name}: done, skipped")
+                del pending[name]
+                continue
+            with _claim(Path(cfg.output_dir)) as mine:
+                if not mine:
+                    waiting.append(name)
+                    continue
+                if variant_done(cfg):  # finished by another runner meanwhile
+                    del pending[name]
+                    continue
+                say(f"[ablate] training {name} ({spec.variant(name).label}): {cfg.max_steps} steps")
+                t = time.perf_counter()
+                train(cfg)
+                spent = Path(cfg.output_dir) / WALL_FILE
+                before = json.loads(spent.read_text())["seconds"] if spent.is_file() else 0.0
+                _write_json(spent, {"seconds": before + time.perf_counter() - t})
+                del pending[name]
+        if waiting and len(waiting) == len(pending):
+            say(f"[ablate] waiting for another runner to finish {', '.join(waiting)}")
+            _sleep(poll_seconds)
+
+
+def _sleep(seconds: float) -> None:
+    time.sleep(seconds)
 
 
 _PROBE_TEXT = ("The committee met on a cold morning to decide where the new bridge would go. Engineers argued for the narrow "
