@@ -233,6 +233,36 @@ def test_runners_on_one_study_share_the_variants(tiny, tmp_path, monkeypatch):
     assert json.loads((held / study_runner.WALL_FILE).read_text())["seconds"] > 0
 
 
+def test_two_runners_evaluate_once(tiny, tmp_path, monkeypatch):
+    pytest.importorskip("fcntl")
+    import threading
+    import time
+
+    out = tmp_path / "study"
+    _figure5(tiny, out, variants="mlp", evaluate=False)
+    calls = []
+    real = study_runner.run_evaluation
+
+    def slow_evaluation(**kw):
+        calls.append(kw["exits"])
+        time.sleep(0.5)  # long enough for the other runner to reach the lock
+        return real(**kw)
+
+    monkeypatch.setattr(study_runner, "run_evaluation", slow_evaluation)
+    results = [None, None]
+
+    def runner(i):
+        results[i] = _figure5(tiny, out, variants="mlp")
+
+    threads = [threading.Thread(target=runner, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1  # the second runner waited, then reused the first one's results
+    assert [c.verdict for c in results[0].claims] == [c.verdict for c in results[1].claims]
+
+
 # ---------------------------------------------------------------- Table 4 end to end
 
 

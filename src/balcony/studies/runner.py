@@ -226,12 +226,21 @@ def run_study(
             plan["wall_seconds"][f"train {name}"] = json.loads(spent.read_text())["seconds"]
     _write_json(plan_path, plan)
 
+    with _claim(out, wait=True):  # one runner checks and evaluates; another waits, then reuses its results
+        return _finish(spec, out, model, configs, plan, plan_path, text, tasks, task_data, limit, text_tokens, eval_seq_len, eval_batch_size,
+                       evaluate, log, say)
+
+
+def _finish(spec, out, model, configs, plan, plan_path, text, tasks, task_data, limit, text_tokens, eval_seq_len, eval_batch_size, evaluate,
+            log, say) -> StudyResult:
+    """The full-model check, the evaluation, the claims, the figure and the Markdown."""
     dirs = {n: Path(c.output_dir) for n, c in configs.items()}
     full_models = None
+    full_path = out / "full_models.json"
     if not spec.from_scratch:
         probe_text = " ".join(load_texts(text)[:3]) if text else _PROBE_TEXT
         full_models = check_full_models(model, dirs, {n: c.recipe != "balcony" for n, c in configs.items()}, probe_text)
-        _write_json(out / "full_models.json", full_models)
+        _write_json(full_path, full_models)
         say("[ablate] full models: " + ", ".join(f"{n} {'exact' if f['exact'] else 'changed'}" for n, f in full_models.items()))
     if not evaluate:
         return StudyResult(out, plan, None, [], None, None)
@@ -257,11 +266,12 @@ WALL_FILE = "study_wall_seconds.json"
 
 
 @contextlib.contextmanager
-def _claim(directory: Path) -> Iterator[bool]:
-    """Hold an exclusive lock on a variant's folder while training it: True if this process got it.
+def _claim(directory: Path, wait: bool = False) -> Iterator[bool]:
+    """Hold an exclusive lock on a folder (a variant's, or the study's for the evaluation): True if this process got it.
 
     Several `run_study` processes on one study (one per machine, GPU or spare core) then
-    share the variants: each trains those nobody else holds and waits for the rest.
+    share the variants: each trains those nobody else holds and waits for the rest; the
+    evaluation runs once (`wait=True` blocks until the runner holding it is done).
     """
     directory.mkdir(parents=True, exist_ok=True)
     try:
@@ -271,7 +281,7 @@ def _claim(directory: Path) -> Iterator[bool]:
         return
     with open(directory / ".study.lock", "w") as handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except OSError:
             yield False
             return
