@@ -39,6 +39,9 @@ DistillObjective.__init__, DistillObjective.forward, BalconyModel.generate, Pack
 result = train(TrainConfig(**json.loads(sys.argv[1])))
 rank = int(os.environ.get("RANK", "0"))
 model = seen["model"]
-torch.save({"exits": {k: v.detach().cpu().clone() for k, v in model.exit_state_dict().items()},
+# FSDP shards are DTensors: gather each (every rank takes part) to compare the ranks' full exits.
+exits = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().clone() for k, v in model.exit_state_dict().items()}
+local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.exits.parameters())  # what this rank holds
+torch.save({"exits": exits, "local_exit_numel": local,
             "forwards": seen["forwards"], "generate": seen["generate"], "saves": seen["saves"], "steps": result.steps},
            os.path.join(sys.argv[2], f"rank{rank}.pt"))

@@ -71,7 +71,8 @@ def test_two_processes_match_one_process_of_the_same_global_batch(tiny_base_dir,
     cache = tmp_path / "cache"
     common = dict(model=str(tiny_base_dir), dataset=None, corpus_tokens=800, exit_layers=[2, 4], seq_len=32, max_tokens=7 * 32,
                   eval_tokens=128, epochs=8, grad_accum=2, warmup_ratio=0.25, lr=3e-3, log_every=1, save_every=0, progress=False)
-    two = launch(2, {**common, "batch_size": 1, "output_dir": str(tmp_path / "two")}, tmp_path / "two-ranks", cache)
+    two = launch(2, {**common, "batch_size": 1, "output_dir": str(tmp_path / "two"), "save_every": 4}, tmp_path / "two-ranks", cache)
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoint-4").glob("rng_state_*.pt")) == ["rng_state_0.pt", "rng_state_1.pt"]
     corpus = list((cache / "corpus").glob("*.jsonl"))
     assert len(corpus) == 1
     lines = corpus[0].read_text().splitlines()
@@ -96,6 +97,39 @@ def test_two_processes_match_one_process_of_the_same_global_batch(tiny_base_dir,
     single = load_file(tmp_path / "one" / "balcony_exits.safetensors")
     for k, v in single.items():
         torch.testing.assert_close(two[0]["exits"][k], v, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp_trains_like_ddp_and_resumes_bitwise(tiny_base_dir, tmp_path):
+    """strategy=fsdp on 2 CPU processes (gloo): the same exits as DDP (to float rounding) and LR trace; a resume from
+    its sharded checkpoint (exits and AdamW state gathered on rank 0, scattered back) ends bitwise where the run ended."""
+    import random
+    import shutil
+
+    from safetensors.torch import load_file
+
+    rng = random.Random(0)
+    words = "hello world the a of and to is in it".split() + [f"w{i}" for i in range(40)]
+    (tmp_path / "corpus.txt").write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(60)) for _ in range(40)))
+    common = dict(model=str(tiny_base_dir), dataset=str(tmp_path / "corpus.txt"), exit_layers=[2, 4], seq_len=32, batch_size=2,
+                  grad_accum=2, max_steps=8, eval_tokens=128, warmup_ratio=0.25, lr=3e-3, log_every=1, progress=False,
+                  save_every=4, keep_checkpoints=5)
+    fsdp = launch(2, {**common, "strategy": "fsdp", "output_dir": str(tmp_path / "fsdp")}, tmp_path / "fsdp-ranks", tmp_path / "cache")
+    ddp = launch(2, {**common, "output_dir": str(tmp_path / "ddp")}, tmp_path / "ddp-ranks", tmp_path / "cache")
+    assert [r["steps"] for r in fsdp] == [8, 8] and all(torch.equal(fsdp[0]["exits"][k], fsdp[1]["exits"][k]) for k in fsdp[0]["exits"])
+    assert lr_trace(tmp_path / "fsdp") == lr_trace(tmp_path / "ddp")
+    full = sum(v.numel() for v in ddp[0]["exits"].values())
+    assert ddp[0]["local_exit_numel"] == full and fsdp[0]["local_exit_numel"] + fsdp[1]["local_exit_numel"] == full  # sharded in two
+    saved = load_file(tmp_path / "fsdp" / "balcony_exits.safetensors")
+    assert saved.keys() == ddp[0]["exits"].keys()
+    for k, v in saved.items():
+        assert torch.equal(v, fsdp[0]["exits"][k])
+        torch.testing.assert_close(v, ddp[0]["exits"][k], rtol=1e-4, atol=1e-5)
+    # Resume from the step-4 checkpoint in a fresh directory.
+    shutil.copytree(tmp_path / "fsdp" / "checkpoint-4", tmp_path / "resumed" / "checkpoint-4")
+    launch(2, {**common, "strategy": "fsdp", "output_dir": str(tmp_path / "resumed")}, tmp_path / "resumed-ranks", tmp_path / "cache")
+    again = load_file(tmp_path / "resumed" / "balcony_exits.safetensors")
+    assert all(torch.equal(again[k], saved[k]) for k in saved)
 
 
 @pytest.fixture(autouse=True)

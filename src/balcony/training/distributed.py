@@ -78,8 +78,13 @@ def make_accelerator(cfg: TrainConfig, device: str, precision: str):
     gradients as views into its communication buckets (no second copy of the exits' gradients).
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs
 
+    # Accelerate keeps its settings in process-wide singletons: a second `train` in one process (a notebook,
+    # a test session) with another precision or device would be refused. The process group, if any, stays.
+    AcceleratorState._reset_state(reset_partial_state=not torch.distributed.is_initialized())
+    GradientState._reset_state()
     handlers = [DistributedDataParallelKwargs(broadcast_buffers=False, gradient_as_bucket_view=True),
                 InitProcessGroupKwargs(timeout=PREPARE_TIMEOUT)]
     accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=device == "cpu",

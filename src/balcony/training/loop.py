@@ -35,7 +35,7 @@ import torch
 
 from ..modeling.model import BalconyModel
 from .build import build_training_model, load_training_data
-from .checkpoint import _checkpoint, latest_checkpoint, load_checkpoint
+from .checkpoint import _checkpoint, latest_checkpoint, read_checkpoint, write_exits
 from .config import TrainConfig
 from .data import epoch_order
 from .distributed import (
@@ -55,6 +55,7 @@ from .features import FeatureCache, build_feature_cache
 from .objective import DistillObjective
 from .prelude import lstsq_warm_start_all_ranks, set_loss_vocab_all_ranks
 from .run_log import RunLogger
+from .sharding import check_fsdp, full_exit_state, load_optimizer_state, shard
 
 __all__ = ["TrainResult", "build_training_model", "load_training_data", "train"]
 
@@ -103,6 +104,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     precision, dtype = resolve_precision(cfg, device)
     accelerator = make_accelerator(cfg, device, precision)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    fsdp = cfg.strategy == "fsdp"
+    if fsdp:
+        check_fsdp(cfg, world, precision)
     set_seed(cfg.seed)
     out_dir = Path(cfg.output_dir)
     if main:
@@ -123,23 +127,18 @@ def train(cfg: TrainConfig) -> TrainResult:
     warmup_steps = int(cfg.warmup_fraction * total_steps) if cfg.warmup_loss else 0
 
     objective = DistillObjective(model, cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    # Not handed to accelerator.prepare, which would step it once per process per optimizer step.
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     state = {"step": 0, "micro_step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens": 0, "seconds": 0.0}
     ckpt = latest_checkpoint(out_dir) if cfg.resume else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer, scheduler, rank=rank)
+    saved = None
+    if ckpt is not None:  # weights and RNG now; optimizer and scheduler once they exist (after sharding, under FSDP)
+        state, saved = read_checkpoint(ckpt, model, rank=rank)
         if main:
             print(f"[balcony] resuming from {ckpt} (step {state['step']} of {total_steps})")
-    if world > 1 and not model.base_trainable:
-        ignore_frozen_in_ddp(objective)
-    objective, optimizer = accelerator.prepare(objective, optimizer)
 
     compute_dtype = next(model.base.parameters()).dtype
     eval_features: FeatureCache | None = None
-    if cfg.cache_features and eval_rows is not None and main:
+    sharded = False  # the model is sharded (FSDP) only after the steps below, which need it whole on every rank
+    if cfg.cache_features and eval_rows is not None and (main or fsdp):
         # The base is frozen, so every evaluation would rerun the same held-out frozen pass (a quarter
         # of its time on the embedded model): run it once, in float32 so the metrics stay exact.
         eval_features = build_feature_cache(model, eval_rows, batch_size=cfg.batch_size, dtype=torch.float32, progress=False)
@@ -151,9 +150,12 @@ def train(cfg: TrainConfig) -> TrainResult:
             yield _to_device(batch, accelerator.device)
 
     def evaluate() -> dict[int, dict[str, float]]:
-        """Rank 0 scores the held-out rows (under the run's autocast); the other ranks wait for it."""
+        """Rank 0 scores the held-out rows (under the run's autocast); the other ranks wait for it.
+
+        Sharded (FSDP), every rank runs the same evaluation: each layer's forward gathers its weights from all ranks.
+        """
         res = {}
-        if main and eval_rows is not None and len(eval_rows) > 0:
+        if (main or sharded) and eval_rows is not None and len(eval_rows) > 0:
             was = model.training
             model.eval()
             with accelerator.autocast():
@@ -185,7 +187,28 @@ def train(cfg: TrainConfig) -> TrainResult:
     if fit:
         lstsq_warm_start_all_ranks(model, cfg, start_features, objective_exits(objective), accelerator, logger)
     if cfg.loss_vocab is not None:
-        set_loss_vocab_all_ranks(getattr(objective, "module", objective), cfg, start_features, train_rows, state, accelerator, logger)
+        set_loss_vocab_all_ranks(objective, cfg, start_features, train_rows, state, accelerator, logger)
+    del start_features
+
+    if fsdp:
+        shard(objective, model, accelerator.device, world)
+        sharded = True
+    params = [p for p in model.parameters() if p.requires_grad]  # (after sharding: FSDP's DTensor shards)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    # Not handed to accelerator.prepare, which would step it once per process per optimizer step.
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    if saved is not None:
+        if (saved.get("optimizer_keys", "ids") == "names") != fsdp:
+            raise ValueError(f"checkpoint {ckpt} was written with strategy={'fsdp' if not fsdp else 'ddp'}; resume it with that strategy")
+        if fsdp:
+            load_optimizer_state(model, optimizer, saved["optimizer"])
+        else:
+            optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+    if not fsdp:  # (FSDP reduces the gradients itself; autocast is entered around the forward below)
+        if world > 1 and not model.base_trainable:
+            ignore_frozen_in_ddp(objective)
+        objective, optimizer = accelerator.prepare(objective, optimizer)
 
     bar = None
     if cfg.progress and main:
@@ -206,9 +229,11 @@ def train(cfg: TrainConfig) -> TrainResult:
                 batch = _to_device(batch, accelerator.device)
                 phase = "warmup" if state["step"] < warmup_steps else "main"
                 sync = (state["micro_step"] + 1) % cfg.grad_accum == 0
-                # DDP all-reduces gradients only on the window's last micro-batch.
-                with contextlib.nullcontext() if sync else accelerator.no_sync(objective):
-                    loss, per_exit = objective(batch, phase=phase)
+                # DDP all-reduces gradients only on the window's last micro-batch. FSDP reduce-scatters after every
+                # one: skipping it would keep the exits' full, unsharded gradients between micro-batches.
+                with contextlib.nullcontext() if sync or fsdp else accelerator.no_sync(objective):
+                    with accelerator.autocast():
+                        loss, per_exit = objective(batch, phase=phase)
                     accelerator.backward(loss / cfg.grad_accum)
                 state["batch_in_epoch"] = k + 1
                 state["micro_step"] += 1
@@ -217,7 +242,10 @@ def train(cfg: TrainConfig) -> TrainResult:
                 if not sync:
                     continue
                 if cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                    if fsdp:  # DTensor gradients: torch's clipping computes the global norm across the shards
+                        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    else:
+                        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                 lr = scheduler.get_last_lr()[0]  # the LR this step applies
                 optimizer.step()
                 scheduler.step()
@@ -244,7 +272,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                         logger.log({"step": state["step"], "event": "eval", **{f"kl/{j}": m["kl"] for j, m in res.items()},
                                     **{f"agreement/{j}": m["agreement"] for j, m in res.items()}})
                 if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < total_steps:
-                    _checkpoint(accelerator, out_dir, model, optimizer, scheduler, *window, cfg.keep_checkpoints)
+                    _checkpoint(accelerator, out_dir, model, optimizer, scheduler, *window, cfg.keep_checkpoints, sharded)
                 t_mark = time.perf_counter()  # evaluations and checkpoints are not training time
                 if state["step"] >= total_steps:
                     break
@@ -267,8 +295,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     accelerator.wait_for_everyone()
     after = evaluate()
     memory = peak_memory(accelerator.device)
+    exit_state = full_exit_state(model) if sharded else None  # every rank takes part in the gather
     if main:
-        model.save_pretrained(out_dir)
+        write_exits(out_dir, model, exit_state)
         if model.base_trainable:
             model.base.save_pretrained(out_dir / "base")
             tok.save_pretrained(out_dir / "base")

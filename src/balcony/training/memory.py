@@ -202,6 +202,8 @@ class MemoryPlan:
     activation_bytes: int
     step_bytes: int
     peak_bytes: int
+    strategy: str = "ddp"
+    gathered_bytes: int = 0
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -213,8 +215,10 @@ class MemoryPlan:
         """The plan as a table (GB = 1e9 bytes)."""
         gb = lambda b: f"{b / 1e9:9.2f} GB"  # noqa: E731
         global_rows = self.rows * self.grad_accum * self.processes
+        how = ("DDP: each holds all of this" if self.strategy == "ddp" or self.processes == 1
+               else f"FSDP: exits and base layers sharded {self.processes} ways")
         lines = [
-            f"memory plan: {self.model}, {self.processes} process(es) (DDP: each holds all of this), precision {self.precision}",
+            f"memory plan: {self.model}, {self.processes} process(es) ({how}), precision {self.precision}",
             f"  micro-batch {self.rows} x {self.seq_len} tokens, grad_accum {self.grad_accum}: global batch {global_rows} rows "
             f"({global_rows * self.seq_len:,} tokens) per optimizer step",
             f"  {'frozen base (' + self.base_dtype + ', ' + f'{self.base_parameters / 1e9:.2f}B params)':<52}{gb(self.base_bytes)}",
@@ -223,6 +227,7 @@ class MemoryPlan:
             f"  {'optimizer state (AdamW: 2 x float32)':<52}{gb(self.optimizer_bytes)}",
             f"  {'activations per micro-batch (peak, fwd + bwd)':<52}{gb(self.activation_bytes)}",
             f"  {'optimizer step (transient)':<52}{gb(self.step_bytes)}",
+            *([f"  {'FSDP gathers (a layer running + the next)':<52}{gb(self.gathered_bytes)}"] if self.gathered_bytes else []),
             f"  {'peak per process (allocated)':<52}{gb(self.peak_bytes)}",
             "  (computed on the meta device by running the training step; CUDA context and allocator slack not included)",
             *(f"  note: {n}" for n in self.notes),
@@ -300,10 +305,22 @@ def plan_memory(cfg: TrainConfig, *, processes: int = 1, device: str = "cuda", c
             optimizer.zero_grad(set_to_none=False)
     optimizer_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
                           if isinstance(t, torch.Tensor) and t.dim() > 0)
+    gradient_bytes, gathered = n_train * 4, 0
+    if cfg.strategy == "fsdp" and processes > 1:
+        # Sharded state divides by P (`balcony.training.sharding`); embedding, norm and head stay whole. While a layer
+        # runs its full weights are gathered, and the next one's are prefetched: two of the largest units.
+        units = [*model.parts.layers, *model.exits.values()]
+        unit_bytes = [sum(p.numel() * p.element_size() for p in u.parameters()) for u in units]
+        layer_bytes = sum(unit_bytes[: len(model.parts.layers)])
+        base_bytes = base_bytes - layer_bytes + -(-layer_bytes // processes)
+        train_bytes, gradient_bytes, optimizer_bytes, step = (-(-b // processes) for b in (train_bytes, gradient_bytes, optimizer_bytes, step))
+        gathered = 2 * max(unit_bytes)
+        peak = base_bytes + train_bytes + gradient_bytes + optimizer_bytes + max(activation + gathered, step)
+        notes.append("FSDP figures: the meta run is unsharded; sharded state and gathers are derived from it")
     return MemoryPlan(
         model=str(cfg.model or "embedded SmolLM2-135M-Instruct"), processes=processes, precision=precision,
         base_dtype=str(dtype).replace("torch.", ""), rows=cfg.batch_size, seq_len=cfg.seq_len, grad_accum=cfg.grad_accum,
         base_parameters=n_base, base_bytes=base_bytes, trainable_parameters=n_train, trainable_bytes=train_bytes,
-        gradient_bytes=n_train * 4, optimizer_bytes=optimizer_bytes, activation_bytes=activation, step_bytes=step,
-        peak_bytes=peak, notes=notes,
+        gradient_bytes=gradient_bytes, optimizer_bytes=optimizer_bytes, activation_bytes=activation, step_bytes=step,
+        peak_bytes=peak, strategy=cfg.strategy, gathered_bytes=gathered, notes=notes,
     )
