@@ -183,3 +183,39 @@ def test_the_base_is_read_in_bf16(tmp_path, monkeypatch):
     assert calls and calls[0]["dtype"] == torch.bfloat16
     assert {p.dtype for p in model.base.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in model.exits.parameters()} == {torch.float32}
+
+
+@pytest.mark.slow
+def test_cli_plans_the_paper_config_without_weights(capsys):
+    """`balcony train --config llama3-8b-paper --plan`: Llama-3-8B's config is built on meta, nothing is read or downloaded."""
+    from balcony.cli import main
+
+    assert main(["train", "--config", "llama3-8b-paper", "--plan", "--processes", "8"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split("  ")[1].strip(): line for line in out.splitlines() if line.startswith("  ") and "GB" in line}
+    gb = {k.split(" (")[0]: float(v.split()[-2]) for k, v in lines.items()}
+    assert gb["frozen base"] == pytest.approx(2 * 8.030261248, abs=0.01)  # 8.03B parameters in bf16
+    layer = 4 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336 + 2 * 4096  # attention, GQA k/v, MLP, two norms
+    exits = 3 * (layer + 4096)  # three decoder exits and their norms, float32
+    assert gb["trainable exits"] == pytest.approx(4 * exits / 1e9, abs=0.01) and gb["gradients"] == gb["trainable exits"]
+    assert gb["optimizer state"] == pytest.approx(2 * gb["trainable exits"], abs=0.01)
+    assert 1.0 < gb["activations per micro-batch"] < 10.0  # one 4096-token row: chunked loss, checkpointed exits
+    assert 26.0 < gb["peak per process"] < 40.0  # fits an 80 GB GPU under DDP
+    assert "global batch 256 rows (1,048,576 tokens)" in out  # the paper's 256 x 4096 on 8 processes
+
+
+def test_cli_train_takes_device_and_dtype(tmp_path, monkeypatch):
+    from balcony.cli import main
+
+    tiny_base(vocab_size=54).save_pretrained(tmp_path / "base")
+    tiny_hf_tokenizer().save_pretrained(tmp_path / "base")
+    rng = random.Random(0)
+    (tmp_path / "corpus.txt").write_text("\n\n".join(" ".join(rng.choice(WORDS) for _ in range(60)) for _ in range(40)))
+    monkeypatch.setenv("BALCONY_CACHE", str(tmp_path / "cache"))
+    rc = main(["train", "--config", "smollm2-quick", "--model", str(tmp_path / "base"), "--dataset", str(tmp_path / "corpus.txt"),
+               "--output-dir", str(tmp_path / "run"), "--device", "cpu", "--dtype", "bfloat16", "--max-steps", "2",
+               "--set", "exit_layers=[2,4],seq_len=32,batch_size=4,eval_tokens=128,progress=false,max_tokens=1024"])
+    assert rc == 0
+    done = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+    assert (done["base_dtype"], done["precision"]) == ("bfloat16", "bf16")  # precision auto follows the bf16 teacher
+    assert main(["train", "--config", "smollm2-quick", "--device", "tpu"]) == 2  # named and refused

@@ -16,6 +16,7 @@ one process with the same global batch:
 from __future__ import annotations
 
 import hashlib
+import os
 import resource
 import sys
 from datetime import timedelta
@@ -85,6 +86,8 @@ def make_accelerator(cfg: TrainConfig, device: str, precision: str):
     # a test session) with another precision or device would be refused. The process group, if any, stays.
     AcceleratorState._reset_state(reset_partial_state=not torch.distributed.is_initialized())
     GradientState._reset_state()
+    if device.startswith("cuda:") and not torch.distributed.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        torch.cuda.set_device(torch.device(device))  # Accelerate places a single process on the current CUDA device
     handlers = [DistributedDataParallelKwargs(broadcast_buffers=False, gradient_as_bucket_view=True),
                 InitProcessGroupKwargs(timeout=PREPARE_TIMEOUT)]
     accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=device == "cpu",

@@ -179,7 +179,11 @@ def base_config(name: str | None):
         return AutoConfig.for_model(fields.pop("model_type"), **fields)
     if is_default(name):
         return AutoConfig.from_pretrained(default_model_path())
-    return AutoConfig.from_pretrained(name)
+    try:
+        return AutoConfig.from_pretrained(name)
+    except OSError as err:
+        raise OSError(f"could not read the config of base model {name!r} for the memory plan ({err}); without the hub the plan "
+                      f"knows {', '.join(KNOWN_BASES)} and local checkpoint directories") from err
 
 
 @dataclass
@@ -215,8 +219,12 @@ class MemoryPlan:
         """The plan as a table (GB = 1e9 bytes)."""
         gb = lambda b: f"{b / 1e9:9.2f} GB"  # noqa: E731
         global_rows = self.rows * self.grad_accum * self.processes
-        how = ("DDP: each holds all of this" if self.strategy == "ddp" or self.processes == 1
-               else f"FSDP: exits and base layers sharded {self.processes} ways")
+        if self.processes == 1:
+            how = "one process"
+        elif self.strategy == "ddp":
+            how = "DDP: each holds all of this"
+        else:
+            how = f"FSDP: exits and base layers sharded {self.processes} ways"
         lines = [
             f"memory plan: {self.model}, {self.processes} process(es) ({how}), precision {self.precision}",
             f"  micro-batch {self.rows} x {self.seq_len} tokens, grad_accum {self.grad_accum}: global batch {global_rows} rows "

@@ -57,8 +57,8 @@ class DistillObjective(nn.Module):
             exit_h, teacher = out.exit_hidden, out.teacher_hidden
         token_mask = None if mask is None else mask.bool()
         if phase == "warmup":
-            if self.gram is None:
-                raise ValueError("the warm-up phase needs warmup_loss='logit_mse' in the config")
+            if self.gram is None:  # a caller that runs the warm-up phase without configuring it: build it now
+                self.gram = centered_gram(model.parts.lm_head.weight)
             per = torch.stack([logit_mse_loss(exit_h[j], teacher, self.gram, token_mask) for j in self.exits])
             return per.sum(), per.detach()
         labels = None
