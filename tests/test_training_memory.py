@@ -195,7 +195,7 @@ def test_cli_plans_the_paper_config_without_weights(capsys):
     lines = {line.split("  ")[1].strip(): line for line in out.splitlines() if line.startswith("  ") and "GB" in line}
     gb = {k.split(" (")[0]: float(v.split()[-2]) for k, v in lines.items()}
     assert gb["frozen base"] == pytest.approx(2 * 8.030261248, abs=0.01)  # 8.03B parameters in bf16
-    layer = 4 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336 + 2 * 4096  # attention, GQA k/v, MLP, two norms
+    layer = 2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336 + 2 * 4096  # q and o, GQA k and v, MLP, two norms
     exits = 3 * (layer + 4096)  # three decoder exits and their norms, float32
     assert gb["trainable exits"] == pytest.approx(4 * exits / 1e9, abs=0.01) and gb["gradients"] == gb["trainable exits"]
     assert gb["optimizer state"] == pytest.approx(2 * gb["trainable exits"], abs=0.01)

@@ -76,8 +76,8 @@ class TrainConfig:
         weight_decay: AdamW weight decay.
         warmup_ratio: Share of steps for linear LR warm-up before the cosine decay.
         max_grad_norm: Gradient clipping (0: off).
-        precision: fp32 | bf16 | fp16 | auto (bf16 where the device supports it, else fp32): the
-            autocast precision of the forward passes. Exits and optimizer state stay float32
+        precision: fp32 | bf16 | fp16 | auto (the default: bf16 on a GPU that supports it, or when
+            `dtype` asks for a bf16 base, else fp32): the autocast precision of the forward passes. Exits and optimizer state stay float32
             (master weights) whatever it is.
         dtype: auto | float32 | bfloat16 | float16: the dtype the frozen base (the teacher) is
             loaded in. auto: the precision's dtype when the base is frozen (bf16 on a GPU), float32
@@ -139,7 +139,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
     max_grad_norm: float = 1.0
-    precision: str = "fp32"
+    precision: str = "auto"
     dtype: str = "auto"
     device: str | None = None
     strategy: str = "ddp"
