@@ -231,7 +231,8 @@ def generated_corpus(
         for i, e in enumerate(enc):  # left padding
             ids[i, width - len(e):] = torch.tensor(e)
             mask[i, width - len(e):] = 1
-        gen = torch.Generator().manual_seed(seed * 104729 + round_no)
+        # On the model's device: sampling draws there (a CPU generator cannot drive CUDA sampling).
+        gen = torch.Generator(device=device).manual_seed(seed * 104729 + round_no)
         out = model.generate(ids.to(device), mask.to(device), exit=None, max_new_tokens=max_new_tokens, do_sample=True,
                              temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=tok.eos_token_id, generator=gen)
         with open(path, "a") as f:
