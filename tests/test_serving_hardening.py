@@ -298,6 +298,38 @@ def test_a_client_leaving_abandons_the_prefill(tiny):
             slow.handle.remove()
 
 
+def test_a_long_prompt_is_not_batched_with_short_ones(tiny, monkeypatch):
+    # A short request batched with a 300-token prompt would wait for its padded prefill, and time out with it.
+    from balcony.serving import scheduler as serving
+
+    shapes: list[tuple[int, int]] = []
+    gate = threading.Event()
+    real = serving.decode_tokens
+
+    def recorded(model, input_ids, *args, **kwargs):
+        gate.wait(20)
+        shapes.append(tuple(input_ids.shape))
+        yield from real(model, input_ids, *args, **kwargs)
+
+    with running(*tiny, max_batch_size=4, batch_window_ms=50.0, max_body_bytes=2**20) as (port, app):
+        monkeypatch.setattr(serving, "decode_tokens", recorded)
+        monkeypatch.setattr(serving, "SHORT_PROMPT", 16)  # the tiny model's context is 256 tokens
+        results: list[int] = []
+        bodies = [{**OK, "model": f"{NAME}:M", "prompt": p} for p in ("hello", "w1 " * 230, "hello world", "the a of")]
+        threads = [threading.Thread(target=lambda b=b: results.append(post(port, b)[0])) for b in bodies]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while app.state.scheduler.depth + app.state.scheduler.running < 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        gate.set()
+        for t in threads:
+            t.join(20)
+    assert results == [200] * 4
+    assert sorted(shapes) == [(1, 230), (3, 3)], shapes  # the long one alone, the short ones together
+
+
 # ----------------------------------------------------------------- 5. metrics
 def test_metrics_print_counts_exactly(server):
     port, app = server

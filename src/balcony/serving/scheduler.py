@@ -2,8 +2,8 @@
 
 Requests wait in a bounded queue (full: an immediate 429). The worker takes the
 oldest request, adds every waiting request with the same budget and sampling
-settings (up to ``max_batch_size``, after waiting at most ``batch_window_ms``
-for company), left-pads them and decodes them together (static batching). A
+settings and a prompt of similar length (`length_bucket`; up to ``max_batch_size``,
+after waiting at most ``batch_window_ms`` for company), left-pads them and decodes them together (static batching). A
 request that finishes, times out or whose client goes away stops receiving
 tokens; once none of a batch is left, the batch is abandoned, in the middle of a
 long prompt's prefill too (it runs in `ServeConfig.prefill_chunk` chunks, checked
@@ -96,6 +96,20 @@ class Job:
         seeded = self.sampling[0] and self.seed is not None
         budget = self.budget or (draft_budget if self.speculative else auto_budget)
         return (budget, self.speculative, self.sampling, id(self) if seeded else None)
+
+
+SHORT_PROMPT = 256
+"""Prompts up to this many tokens batch together whatever their lengths; longer ones only within a factor of 2."""
+
+
+def length_bucket(tokens: int) -> int:
+    """Which prompts may share a batch: 0 up to `SHORT_PROMPT` tokens, then one bucket per power of two.
+
+    Example:
+        >>> length_bucket(10), length_bucket(256), length_bucket(257), length_bucket(512), length_bucket(5000)
+        (0, 0, 9, 9, 13)
+    """
+    return 0 if tokens <= SHORT_PROMPT else (tokens - 1).bit_length()
 
 
 def decode_tokens(
@@ -319,7 +333,10 @@ class Scheduler:
                 draft = self.draft_budget(auto)
                 key = head.batch_key(auto, draft)
                 limit = 1 if head.speculative else cfg.max_batch_size  # speculative decoding runs one sequence
-                batch = [job for job in self._waiting if job.batch_key(auto, draft) == key][:limit]
+                # Prompts of very different lengths are not batched: a short one would pay for the long one's
+                # padded prefill (and share its fate at the deadline).
+                size = length_bucket(len(head.prompt))
+                batch = [job for job in self._waiting if job.batch_key(auto, draft) == key and length_bucket(len(job.prompt)) == size][:limit]
                 chosen = set(map(id, batch))
                 self._waiting[:] = [job for job in self._waiting if id(job) not in chosen]
                 self._running = batch
