@@ -113,7 +113,10 @@ class Server:
         if args.model:
             cmd += ["--model", args.model]
         self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "BALCONY_API_KEY": key})
+        env = {**os.environ, "BALCONY_API_KEY": key}
+        if args.threads:
+            env["OMP_NUM_THREADS"] = str(args.threads)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
     def wait_ready(self, timeout: float) -> dict:
         deadline = time.monotonic() + timeout
@@ -375,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--health-every-s", type=float, default=0.25)
     parser.add_argument("--health-bound-s", type=float, default=1.0)
     parser.add_argument("--rss-margin-mb", type=float, default=150.0)
+    parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for the server (0: torch's default, one per core).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="Write every figure to this JSON file.")
     args = parser.parse_args(argv)
@@ -490,7 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     rejected = {line.split('"')[1]: line.rsplit(" ", 1)[1] for line in exposition.splitlines() if line.startswith("balcony_rejected_total{")}
     summary = {
         "duration_s": args.duration,
-        "server": {k: getattr(args, k) for k in ("max_batch_size", "queue_capacity", "request_timeout_s", "max_body_mb", "prefill_chunk")},
+        "server": {k: getattr(args, k) for k in ("max_batch_size", "queue_capacity", "request_timeout_s", "max_body_mb", "prefill_chunk", "threads")},
+        "load_average_at_end": os.getloadavg(),
         "good": dict(rec.good),
         "good_latency_p50_s": round(quantile(rec.good_latency, 0.5), 3),
         "good_latency_p95_s": round(quantile(rec.good_latency, 0.95), 3),

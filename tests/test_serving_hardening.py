@@ -168,6 +168,20 @@ def test_bodies_over_the_cap_get_413_before_they_are_read(server):
     assert post(port, OK)[0] == 200
 
 
+def test_a_client_leaving_mid_body_is_a_disconnect_not_an_error(server, caplog):
+    port, app = server
+    before = app.state.metrics.value("balcony_rejected_total", {"reason": "disconnect"})
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"model\"")
+        time.sleep(0.3)
+    deadline = time.monotonic() + 5
+    while app.state.metrics.value("balcony_rejected_total", {"reason": "disconnect"}) == before:
+        assert time.monotonic() < deadline, "the half-sent request was not counted as a disconnect"
+        time.sleep(0.02)
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], [r.getMessage() for r in caplog.records]
+    assert post(port, OK)[0] == 200
+
+
 class Tokenisations:
     """Records every tokenizer call in the process: the text's length and whether it ran on an event loop."""
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, AsyncIterator
 
 from .body import parse_json, read_body
 from .config import AUTO, BUDGET_HEADER, SPECULATIVE_HEADER, ServeConfig
-from .errors import ApiError, _timeout
+from .errors import ApiError, ClientGone, _timeout
 from .guard import Guard
 from .policy import AutoBudgetPolicy, PolicyConfig
 from .prometheus import Metrics
@@ -111,10 +111,6 @@ class Ticket:
             if event.kind in ("done", "error"):
                 self._open.discard(event.index)
             yield event
-
-
-class ClientGone(Exception):
-    """The client closed the connection before its answer was ready."""
 
 
 def create_app(model: "BalconyModel", tokenizer, config: ServeConfig | None = None) -> "FastAPI":

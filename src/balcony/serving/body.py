@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from .errors import ApiError
+from .errors import ApiError, ClientGone
 
 if TYPE_CHECKING:  # heavy imports stay lazy: the CLI imports this module on every run
     from fastapi import Request
@@ -41,6 +41,7 @@ async def read_body(request: "Request", limit: int) -> bytes:
 
     Raises:
         ApiError: 413 past the limit, 400 for an unreadable Content-Length.
+        ClientGone: the client hung up before sending the whole body.
     """
     declared = request.headers.get("content-length")
     if declared is not None:
@@ -48,13 +49,18 @@ async def read_body(request: "Request", limit: int) -> bytes:
             raise ApiError(400, f"Invalid Content-Length header: {declared[:40]!r}.", code="invalid_request")
         if int(declared) > limit:
             raise too_large(limit, int(declared))
+    from starlette.requests import ClientDisconnect
+
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large(limit)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large(limit)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientGone() from None
     return b"".join(chunks)
 
 

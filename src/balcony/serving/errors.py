@@ -67,5 +67,9 @@ def _timeout(seconds: float) -> ApiError:
     return ApiError(504, f"The request did not finish within the server's timeout of {seconds:g} s.", type="server_error", code="timeout")
 
 
+class ClientGone(Exception):
+    """The client closed the connection before its answer was ready."""
+
+
 class SpeculativeUnavailable(RuntimeError):
     """The installed model cannot decode speculatively (yet)."""
