@@ -367,11 +367,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--good-clients", type=int, default=2)
     parser.add_argument("--hostile-clients", type=int, default=2)
     parser.add_argument("--hostile-pause-s", type=float, default=0.5, help="Pause of each hostile client between probes.")
-    parser.add_argument("--burst-every-s", type=float, default=45.0)
-    parser.add_argument("--retries", type=int, default=5, help="Retries of a good request on 429/504 (the OpenAI SDK's default is 2).")
+    parser.add_argument("--burst-every-s", type=float, default=60.0)
+    parser.add_argument("--burst-size", type=int, default=0, help="Requests per burst (default: twice the queue's room).")
+    parser.add_argument("--retries", type=int, default=8, help="Retries of a good request on 429/504 (the OpenAI SDK's default is 2; max_retries sets it).")
     parser.add_argument("--max-batch-size", type=int, default=4)
     parser.add_argument("--queue-capacity", type=int, default=8)
-    parser.add_argument("--request-timeout-s", type=float, default=4.0)
+    parser.add_argument("--request-timeout-s", type=float, default=6.0)
     parser.add_argument("--max-body-mb", type=float, default=1.0)
     parser.add_argument("--prefill-chunk", type=int, default=256)
     parser.add_argument("--long-prompt-sentences", type=int, default=200, help="Sentences (~18 tokens each) of the long prompts.")
@@ -424,11 +425,12 @@ def main(argv: list[str] | None = None) -> int:
         monitors = [threading.Thread(target=sample_rss, daemon=True)]
         for t in monitors:
             t.start()
-        # Warm-up round: every probe once and a few good requests, so first-use allocations are in the baseline.
+        # Warm-up round: every probe once, a few good requests and a burst, so first-use allocations are in the baseline.
         for kind in probes:
             run_probe(kind)
         for _ in range(4):
             good_request(server, rng, name, budgets, rec, args.retries)
+        burst(server, name, args.burst_size or 2 * (args.queue_capacity + args.max_batch_size), rec)  # the largest batches too
         time.sleep(2)
         rss_base = rss_mb(pid)
         warm_kinds = {k: dict(v) for k, v in rec.kinds.items()}
@@ -454,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         def burst_loop() -> None:
             while not stop.wait(args.burst_every_s) and time.monotonic() < end - 10:
                 t0 = time.monotonic() - t_start
-                burst(server, name, 2 * (args.queue_capacity + args.max_batch_size), rec)
+                burst(server, name, args.burst_size or 2 * (args.queue_capacity + args.max_batch_size), rec)
                 with rec.lock:
                     rec.spans.append((t0, time.monotonic() - t_start, "burst"))
 
