@@ -84,12 +84,35 @@ def forward_budget(model: BalconyModel, state: DecodeState, tokens: torch.Tensor
     return model.parts.lm_head(hidden[:, -keep:])
 
 
-def prefill(model: BalconyModel, state: DecodeState, input_ids: torch.Tensor, j: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Run the prompt (B, T) at budget j into an empty cache; returns the (B, V) next-token logits."""
+def prefill(
+    model: BalconyModel,
+    state: DecodeState,
+    input_ids: torch.Tensor,
+    j: int,
+    attention_mask: torch.Tensor | None = None,
+    chunk: int | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> torch.Tensor | None:
+    """Run the prompt (B, T) at budget j into an empty cache; returns the (B, V) next-token logits.
+
+    Args:
+        chunk: Positions per forward pass (None: the whole prompt in one pass). Each chunk attends
+            to the cache the earlier ones wrote, so the cache and the logits are the same up to float rounding.
+        cancel: Asked before each chunk; when it answers True the prefill stops and returns None
+            (the cache is then partial and must not be decoded from).
+    """
     position_ids = None
     if state.pad is not None:  # HF's rule for padded prompts: count real tokens (any mask, not only left padding)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    return forward_budget(model, state, input_ids, j, 1, position_ids)[:, -1]
+    t = input_ids.shape[1]
+    step = t if chunk is None else chunk
+    for start in range(0, t, step):
+        if cancel is not None and cancel():
+            return None
+        end = min(start + step, t)
+        pos = None if position_ids is None else position_ids[:, start:end]
+        logits = forward_budget(model, state, input_ids[:, start:end], j, 1, pos)
+    return logits[:, -1]
 
 
 def decode_one_token(model: BalconyModel, state: DecodeState, token: torch.Tensor, j: int) -> torch.Tensor:
@@ -105,14 +128,18 @@ def generate_stream(
     exit: Exit = None,
     options: DecodeOptions | None = None,
     stop: Callable[[torch.Tensor], bool] | None = None,
+    cancel: Callable[[], bool] | None = None,
     **kwargs: Any,
 ) -> Iterator[torch.Tensor]:
     """Yield (B,) new tokens one step at a time at one budget.
 
     Finished sequences (EOS or a stop string) keep yielding the fill token
     (`pad_token_id`, else the first EOS id); the stream ends when all are
-    finished, after `max_new_tokens` steps, or when `stop(token)` is True.
-    See `generate` for the arguments.
+    finished, after `max_new_tokens` steps, when `stop(token)` is True, or
+    when `cancel()` is True. `cancel` is asked before every prefill chunk
+    (`DecodeOptions.prefill_chunk`) and every decode step, so a caller can
+    abandon a long prompt mid-prefill (a server whose client left or timed out).
+    See `generate` for the other arguments.
     """
     opts, _ = resolve_options(options, kwargs)
     check_inputs(input_ids, attention_mask, opts.max_new_tokens)
@@ -126,13 +153,17 @@ def generate_stream(
     # (a finished batch then emits up to 7 more fill tokens).
     sync_every = 1 if input_ids.device.type == "cpu" else 8
     with torch.no_grad():
-        logits = prefill(model, state, input_ids, j, attention_mask)
+        logits = prefill(model, state, input_ids, j, attention_mask, opts.prefill_chunk, cancel)
+        if logits is None:  # cancelled during the prefill
+            return
         for step in range(opts.max_new_tokens):
             token = stopper(sample(logits, cfg, opts.generator))
             yield token
             if step == opts.max_new_tokens - 1 or (stop is not None and stop(token)):
                 return
             if step % sync_every == sync_every - 1 and stopper.all_done():
+                return
+            if cancel is not None and cancel():
                 return
             logits = step_fn(model, state, token, j)
 

@@ -39,6 +39,9 @@ class DecodeOptions:
         tokenizer: Decodes the output for `stop_strings`.
         generator: Seeded `torch.Generator` for reproducible sampling (on the model's device).
         compile: Run the decode step through `torch.compile` (True, or a backend name).
+        prefill_chunk: Run the prompt through the model this many positions at a time (None: in one
+            pass). Chunks give the same tokens; between them `generate_stream`'s `cancel` is checked,
+            and the attention scores of a long prompt stay (B, heads, chunk, T) instead of (B, heads, T, T).
 
     Example:
         >>> DecodeOptions(max_new_tokens=16, do_sample=True, top_p=0.9).sampling.top_p
@@ -56,9 +59,12 @@ class DecodeOptions:
     tokenizer: Any = None
     generator: torch.Generator | None = None
     compile: bool | str = False
+    prefill_chunk: int | None = None
 
     def __post_init__(self) -> None:
         _positive_int("max_new_tokens", self.max_new_tokens, "tokens to add")
+        if self.prefill_chunk is not None:
+            _positive_int("prefill_chunk", self.prefill_chunk, "prompt positions per prefill pass; None: one pass")
         self.sampling  # validates temperature, top_k, top_p
 
     @property
