@@ -6,7 +6,13 @@ import pytest
 import torch
 from tiny_models import VOCAB, tiny_base
 
-from balcony import BalconyConfig, BalconyModel, ExitPolicy, generate, token_exit_generate
+from balcony import (
+    BalconyConfig,
+    BalconyModel,
+    ExitPolicy,
+    generate,
+    token_exit_generate,
+)
 from balcony.inference.cache import StaticKVCache
 from balcony.inference.token_exits import checkpoints, confidence
 
@@ -189,7 +195,12 @@ def test_teacher_forced_decisions_match_decoding():
 
 
 def test_curve_endpoints_budgets_and_calibration():
-    from balcony.eval.thresholds import calibrate, curve, format_curve, token_scores_of_ids
+    from balcony.eval.thresholds import (
+        calibrate,
+        curve,
+        format_curve,
+        token_scores_of_ids,
+    )
 
     model = make()
     windows = [ids(1, 40, seed=s)[0].tolist() for s in range(3)]

@@ -126,7 +126,7 @@ def token_scores_of_ids(
     conf: dict[int, list[torch.Tensor]] = {j: [] for j in points[:-1]}
     for s in range(0, len(windows), batch_size):
         batch = windows[s : s + batch_size]
-        width = len(batch[0])
+        width = max(len(w) for w in batch)
         ids = torch.zeros(len(batch), width, dtype=torch.long, device=device)
         target = torch.full((len(batch), width), -100, dtype=torch.long, device=device)
         for i, w in enumerate(batch):
