@@ -207,7 +207,8 @@ def test_curve_endpoints_budgets_and_calibration():
     scores = token_scores_of_ids(model, windows, batch_size=2, chunk=7)
     assert scores.positions == 3 * 39
     pts = {p.label: p for p in curve(scores, [0.0, 0.5, 1.0], model=model)}
-    s, full = pts["S"], pts["full"]
+    s = pts["S"]
+    assert pts["full"].agreement == 1.0 and pts["full"].mean_layers == 6
     assert pts["auto@0"].kl == pytest.approx(s.kl) and pts["auto@0"].agreement == pytest.approx(s.agreement)
     assert pts["auto@0"].mean_layers == 2 and pts["auto@0"].fractions[2] == 1.0
     assert pts["auto@1"].kl == pytest.approx(0.0, abs=1e-12) and pts["auto@1"].agreement == 1.0 and pts["auto@1"].mean_layers == 6
