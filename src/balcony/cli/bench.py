@@ -10,9 +10,10 @@ import torch
 
 from ..bench.report import format_table, plot
 from ..bench.speed import run_bench
-from ..inference.options import DraftOptions
+from ..bench.token_exits import format_token_exit_bench, run_token_exit_bench
+from ..inference.options import DraftOptions, ExitPolicy
 from ..inference.quantize import parse_mode
-from .common import build_model
+from .common import build_model, parse_floats
 from .registry import command
 
 
@@ -36,6 +37,8 @@ def bench(
     speculative: bool = True,
     quantize: str | None = None,
     compile: bool = False,
+    thresholds: str | None = None,
+    confidence_vocab: int | None = None,
 ) -> int:
     """Benchmark decoding: tok/s per budget vs ideal, HF generate, self-speculative decoding, memory.
 
@@ -59,6 +62,8 @@ def bench(
         speculative: Include self-speculative decoding.
         quantize: Also run a weight-quantized copy (int8, int4) at full depth, through the engine and HF generate, with its quality.
         compile: Also time full-depth decoding through torch.compile (inductor; compiling takes a minute or more on CPU).
+        thresholds: Also time token-level exits at these thresholds (comma-separated, e.g. 0.5,0.7,0.9) on chat prompts at batch 1 and --batch-size, beside every fixed budget, with agreement along the generated text.
+        confidence_vocab: Token-level exits score confidence over the first this many token ids only (e.g. 8192; default all).
     """
     from transformers.utils import logging as hf_logging
 
@@ -67,6 +72,7 @@ def bench(
     if quantize:
 
         parse_mode(quantize)  # a bad mode fails before the model loads
+    taus = parse_floats(thresholds, "--thresholds") if thresholds else []
     if threads:
         torch.set_num_threads(threads)
     m, tok, trained = build_model(model, exits, exit_layers, exit_kind)
@@ -77,7 +83,15 @@ def bench(
         batch_size=batch_size, hf=hf, speculative=speculative, quantize=quantize, compile=compile, log=lambda s: print(s, file=sys.stderr),
     )
     result["exits_trained"] = trained
+    if taus:
+        result["token_exits"] = run_token_exit_bench(
+            m, tok, taus, batch_sizes=sorted({1, batch_size}), max_new_tokens=max_new_tokens, repeats=repeats,
+            policy=ExitPolicy(confidence_vocab=confidence_vocab), log=lambda s: print(s, file=sys.stderr),
+        )
     print(format_table(result))
+    if taus:
+        print("\ntoken-level exits (chat prompts, greedy, EOS ignored):")
+        print(format_token_exit_bench(result["token_exits"]))
     directory = Path(out)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "bench.json").write_text(json.dumps(result, indent=2))

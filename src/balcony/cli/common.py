@@ -49,3 +49,18 @@ def encode_prompt(tok, prompt: str, chat: bool) -> torch.Tensor:
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
         return tok(text, return_tensors="pt", add_special_tokens=False).input_ids
     return tok(prompt, return_tensors="pt").input_ids
+
+
+def parse_floats(text: str, option: str) -> list[float]:
+    """``"0.5,0.7"`` -> [0.5, 0.7]; a clear error naming `option` and the bad item otherwise."""
+    out = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        try:
+            out.append(float(item))
+        except ValueError:
+            raise ValueError(f"{option} {text!r}: {item!r} is not a number; give comma-separated numbers, e.g. 0.5,0.7,0.9") from None
+    if not out:
+        raise ValueError(f"{option} {text!r} holds no number; give comma-separated numbers, e.g. 0.5,0.7,0.9")
+    return out

@@ -5,7 +5,9 @@ from __future__ import annotations
 import sys
 
 from ..eval.run import run_evaluation
+from ..eval.thresholds import CurvePoint, format_curve
 from ..modeling.loading import pick_device
+from .common import parse_floats
 from .registry import command
 
 
@@ -32,6 +34,9 @@ def evaluate_command(
     plot: bool = True,
     dtype: str = "float32",
     device: str | None = None,
+    thresholds: str | None = None,
+    calibrate: str | None = None,
+    confidence_vocab: int | None = None,
 ) -> int:
     """Score every budget on tasks and a text set; print and write a Table-1 style table and plots.
 
@@ -62,6 +67,9 @@ def evaluate_command(
         plot: Write the PNG plots.
         dtype: Weights dtype (float32, bfloat16, ...).
         device: cpu or cuda (default: CUDA when available).
+        thresholds: Also score token-level exits on --text at these thresholds, comma-separated (e.g. 0.5,0.7,0.9): mean layers, speed-up, KL, agreement, beside the fixed budgets.
+        calibrate: Also choose the fastest threshold whose agreement on --text matches this budget (e.g. L) or this agreement fraction (e.g. 0.55).
+        confidence_vocab: Token-level exits score confidence over the first this many token ids only (e.g. 8192; default all).
     """
     report = run_evaluation(
         model=model,
@@ -85,9 +93,15 @@ def evaluate_command(
         plot=plot,
         dtype=dtype,
         device=pick_device(device),
+        thresholds=parse_floats(thresholds, "--thresholds") if thresholds else None,
+        calibrate=calibrate,
+        confidence_vocab=confidence_vocab,
         log=lambda s: print(s, file=sys.stderr, flush=True),
     )
     print(report.to_text())
+    if report.meta.get("token_exits"):
+        print("\ntoken-level exits on --text (teacher forced; ideal speed-up from compute, measured from --bench-json):")
+        print(format_curve([CurvePoint(**p) for p in report.meta["token_exits"]]))
     if not report.meta.get("trained_exits"):
         print("(exits untrained: pass --exits DIR for trained ones)")
     files = report.meta.get("files", {})
