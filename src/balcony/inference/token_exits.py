@@ -27,7 +27,7 @@ row left?" is one host sync per checkpoint, the price of a data-dependent depth.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
@@ -116,6 +116,7 @@ def token_exit_stream(
     options: DecodeOptions | None = None,
     policy: ExitPolicy | None = None,
     stats: TokenExitStats | None = None,
+    cancel: Callable[[], bool] | None = None,
     **kwargs: Any,
 ) -> Iterator[torch.Tensor]:
     """Yield (B,) new tokens, each from the first exit confident enough (see the module docstring).
@@ -127,6 +128,7 @@ def token_exit_stream(
         options: How to decode (`DecodeOptions`: length, sampling, stopping; ``compile`` is ignored).
         policy: Where tokens leave (`ExitPolicy`: threshold, exits, confidence vocabulary).
         stats: Filled in as decoding goes.
+        cancel: Asked before each decode step; True ends the stream (a server abandoning a request).
         **kwargs: `DecodeOptions` and `ExitPolicy` fields, overriding `options` and `policy`.
 
     Example:
@@ -194,7 +196,7 @@ def token_exit_stream(
         token = stopper(step(parts.embed_tokens(input_ids), 0, t, position_ids))
         for i in range(opts.max_new_tokens):
             yield token
-            if i == opts.max_new_tokens - 1 or stopper.all_done():
+            if i == opts.max_new_tokens - 1 or stopper.all_done() or (cancel is not None and cancel()):
                 return
             token = stopper(step(parts.embed_tokens(token[:, None]), t + i, 1, position_ids))
 

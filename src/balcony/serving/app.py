@@ -66,7 +66,7 @@ class Ticket:
             Job(
                 index=p * plan.n + k, prompt=prompt, max_tokens=plan.max_tokens, budget=budget, speculative=plan.speculative,
                 sampling=plan.sampling, seed=None if plan.seed is None else plan.seed + k, deadline=self.deadline, post=post,
-                auto=plan.budget is None,
+                auto=plan.budget is None, threshold=plan.threshold,
             )
             for p, prompt in enumerate(plan.prompts)
             for k in range(plan.n)

@@ -70,7 +70,7 @@ SEED_RANGE = (-(2**63), 2**63 - 1)
 
 COMMON_FIELDS = {
     "model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed",
-    "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "user", "budget", "speculative",
+    "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "user", "budget", "speculative", "threshold",
 }
 
 
@@ -81,6 +81,11 @@ COMPLETION_FIELDS = COMMON_FIELDS | IGNORED_FIELDS | {"prompt", "echo", "best_of
 
 
 CHAT_FIELDS = COMMON_FIELDS | IGNORED_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "response_format"}
+
+
+def token_budget(threshold: float) -> str:
+    """The budget label of token-level exits at `threshold` (what the response names), e.g. ``auto@0.8``."""
+    return f"auto@{threshold:g}"
 
 
 @dataclass
@@ -100,6 +105,7 @@ class Plan:
     stream: bool
     include_usage: bool
     echo: bool
+    threshold: float | None = None
 
 
 class Frontend:
@@ -206,6 +212,19 @@ class Frontend:
                 f"choose a draft budget below {budget} (e.g. {next(iter(self.budgets))}).",
                 param="speculative", code="invalid_value",
             )
+        threshold = _get(body, "threshold", (int, float), None)
+        if threshold is not None:
+            _in_range("threshold", threshold, 0.0, 1.0)
+            if field_budget is not None or named:
+                raise ApiError(
+                    400, "'threshold' asks for token-level exits (each token leaves at the first exit confident enough), "
+                    "which choose the depth per token: do not also name a budget (use the bare model id).",
+                    param="threshold", code="conflicting_budget",
+                )
+            if speculative:
+                raise ApiError(400, "'threshold' (token-level exits) and 'speculative' are two decoding modes: pick one.",
+                               param="threshold", code="invalid_value")
+            budget = token_budget(float(threshold))
         stream = _get(body, "stream", (bool,), False)
         stream_options = _get(body, "stream_options", (dict,), {})
         include_usage = bool(stream_options.get("include_usage", False))
@@ -273,7 +292,8 @@ class Frontend:
         if len(prompts) * n > self.config.queue_capacity:
             raise ApiError(400, f"This request asks for {len(prompts) * n} completions; the server takes at most {self.config.queue_capacity}.", param="n", code="invalid_value")
         sampling: Sampling = GREEDY if temperature == 0 else (True, float(temperature), top_k or None, float(top_p))
-        return Plan(kind, budget, speculative, prompts, texts, n, max_tokens, sampling, seed, stop, stream, include_usage, echo)
+        return Plan(kind, budget, speculative, prompts, texts, n, max_tokens, sampling, seed, stop, stream, include_usage, echo,
+                    None if threshold is None else float(threshold))
 
     def _stop(self, body: dict) -> list[str]:
         stop = body.get("stop")

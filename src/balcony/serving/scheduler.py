@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # heavy imports stay lazy: the CLI imports this module on eve
 from ..inference.engine import generate_stream
 from ..inference.options import DecodeOptions
 from ..inference.speculative import speculative_stream
+from ..inference.token_exits import token_exit_stream
 from .config import ServeConfig
 from .errors import ApiError, SpeculativeUnavailable, _queue_full, _timeout
 from .prometheus import BATCH_BUCKETS, Metrics
@@ -68,6 +69,7 @@ class Job:
         deadline: `time.monotonic()` after which the job is dropped.
         post: Thread-safe callback delivering an `Event` to the request.
         auto: The budget was left to the auto policy (for metrics).
+        threshold: Token-level exits at this threshold (`budget` is then its ``auto@<threshold>`` label).
     """
 
     index: int
@@ -85,6 +87,7 @@ class Job:
     finished: bool = False
     served_budget: str | None = None
     generated: int = 0
+    threshold: float | None = None
 
     def batch_key(self, auto_budget: str, draft_budget: str | None) -> tuple:
         """Jobs with equal keys can share a batch; the key starts with the budget to run at.
@@ -125,6 +128,7 @@ def decode_tokens(
     speculative: bool = False,
     prefill_chunk: int | None = None,
     cancel: Callable[[], bool] | None = None,
+    threshold: float | None = None,
 ) -> Iterator["torch.Tensor"]:
     """Yield (B,) tokens per step: the server's one call into the decoder.
 
@@ -144,6 +148,8 @@ def decode_tokens(
         prefill_chunk: Prompt positions per prefill pass (None: one pass).
         cancel: Asked between prefill chunks and decode steps; True ends the stream (the work is abandoned).
             Speculative decoding prefills in one pass and is stopped between tokens by the caller.
+        threshold: Token-level exits at this threshold (`exit` is then ignored): each token leaves at the first
+            exit confident enough. The prompt is prefilled in one pass; `cancel` is asked between steps.
 
     Raises:
         SpeculativeUnavailable: `speculative` was asked and this build cannot do it.
@@ -153,6 +159,9 @@ def decode_tokens(
         max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
         eos_token_id=eos_token_id, generator=generator,
     )
+    if threshold is not None:
+        yield from token_exit_stream(model, input_ids, attention_mask, options=options, threshold=threshold, cancel=cancel)
+        return
     if not speculative:
         yield from generate_stream(model, input_ids, attention_mask, exit=exit, options=options.replace(prefill_chunk=prefill_chunk), cancel=cancel)
         return
@@ -423,9 +432,10 @@ class Scheduler:
             return self._stopping or all(job.finished or job.cancelled for job in batch)
 
         stream = decode_tokens(
-            self.model, ids, mask, exit=self.model.budgets[budget], max_new_tokens=max(job.max_tokens for job in batch),
-            sampling=head.sampling, eos_token_id=self.eos_ids, generator=generator, speculative=speculative,
-            prefill_chunk=self.config.prefill_chunk, cancel=abandon,
+            self.model, ids, mask, exit=self.model.budgets.get(budget, self.model.num_layers),
+            max_new_tokens=max(job.max_tokens for job in batch), sampling=head.sampling, eos_token_id=self.eos_ids,
+            generator=generator, speculative=speculative, prefill_chunk=self.config.prefill_chunk, cancel=abandon,
+            threshold=head.threshold,
         )
         eos = set(self.eos_ids)
         active = [True] * len(batch)
