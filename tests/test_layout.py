@@ -25,6 +25,7 @@ LAYERS = {
     "balcony.eval": 3,
     "balcony.bench": 3,
     "balcony.serving": 3,
+    "balcony.vllm": 3,  # export + vLLM plugin: reads modeling; only its own modules import vllm
     "balcony.cli": 4,
     "balcony": 5,  # the package root re-exports the public API
 }

