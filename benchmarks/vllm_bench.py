@@ -9,9 +9,12 @@ tokens (EOS ignored), the same prompt of P tokens in every row:
 * balcony's engine (`balcony.inference.engine.generate_stream`);
 * HF `generate` on the base (the full budget only: HF has no budgets).
 
-Times are medians of R runs. Time to first token (TTFT) is the wall time of a
-1-token run (prefill + one token); decode tok/s = B * (N - 1) / (t(N) - t(1)),
-which leaves prefill and the first token out for every engine alike. The ideal
+Times are medians of R runs, each timed from inside the engine so that prefill
+and decode come apart within one run: time to first token (TTFT: prefill + the
+first token) and decode tok/s = B * (N - 1) / (time from the first token of the
+batch to its last token). vLLM reports both per request (``RequestOutput.metrics``);
+balcony's engine streams its tokens; HF `generate` gets a streamer that notes when
+each token arrives. The ideal
 speed-up of a budget is `balcony.modeling.cost.ideal_speedup` (parameters the
 full model runs per token / parameters the budget runs, LM head included).
 
@@ -55,13 +58,29 @@ def fixed_seed_exits(base, default: bool, directory: Path) -> Path:
     return directory
 
 
-def timed(fn, repeats: int) -> float:
-    out = []
+def timed(fn, repeats: int) -> tuple[float, float]:
+    """Median (TTFT, decode seconds) of `repeats` calls of `fn`, which returns (t_first_token, t_end) from its start."""
+    runs = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
+        first, end = fn()
+        runs.append((first - t0, end - first))
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+
+class Clock:
+    """An HF streamer that notes when the first generated token arrives (the first put() is the prompt)."""
+
+    def __init__(self):
+        self.calls, self.first = 0, None
+
+    def put(self, value):
+        self.calls += 1
+        if self.calls == 2:
+            self.first = time.perf_counter()
+
+    def end(self):
+        pass
 
 
 def main() -> int:
@@ -92,14 +111,13 @@ def main() -> int:
     print(f"[vllm_bench] {len(dirs)} budgets, prompt {args.prompt_tokens} tokens, {n} new, batch 1 and {args.batch}, "
           f"{r} repeats, {args.threads} thread(s), exits {'trained: ' + str(exits) if trained else 'fixed-seed random'}", file=sys.stderr)
 
-    # vLLM: one engine per budget; warm-up request first, then 1-token and N-token runs at each batch size.
+    # vLLM: one engine per budget; a warm-up request first, then R timed runs at each batch size.
     reqs = []
     for x in (one, batch):
         prompts = x.tolist()
-        reqs += [{"prompts": prompts, "max_tokens": n, "repeats": 1}, {"prompts": prompts, "max_tokens": 1, "repeats": r},
-                 {"prompts": prompts, "max_tokens": n, "repeats": r}]
+        reqs += [{"prompts": prompts, "max_tokens": n, "repeats": 1}, {"prompts": prompts, "max_tokens": n, "repeats": r}]
     engine = {"dtype": "float32", "max_model_len": args.prompt_tokens + n + 8, "kv_cache_memory_bytes": 256 << 20,
-              "enable_prefix_caching": False, "max_num_seqs": max(args.batch, 1)}
+              "enable_prefix_caching": False, "max_num_seqs": max(args.batch, 1), "disable_log_stats": False}
     t0 = time.perf_counter()
     vruns = run_worker({"engine": engine, "runs": [{"model": str(d.path), "requests": reqs} for d in dirs]},
                        threads=args.threads, log=out / "vllm_worker.log")["runs"]
@@ -107,35 +125,40 @@ def main() -> int:
 
     # balcony's engine and HF generate, in this process.
     def engine_times(j: int, x: torch.Tensor) -> tuple[float, float]:
-        def run(k):
-            for _ in generate_stream(model, x, exit=j, max_new_tokens=k):
-                pass
-        run(n)  # warm-up
-        return timed(lambda: run(1), r), timed(lambda: run(n), r)
+        def run():
+            first = None
+            for _ in generate_stream(model, x, exit=j, max_new_tokens=n):
+                first = first or time.perf_counter()
+            return first, time.perf_counter()
+        run()  # warm-up
+        return timed(run, r)
 
     def hf_times(x: torch.Tensor) -> tuple[float, float]:
         from transformers import GenerationConfig
 
-        def run(k):
-            cfg = GenerationConfig(max_new_tokens=k, min_new_tokens=k, do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id or 0)
+        cfg = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id or 0)
+
+        def run():
+            clock = Clock()
             with torch.no_grad():
-                base.generate(x, attention_mask=torch.ones_like(x), generation_config=cfg)
-        run(n)
-        return timed(lambda: run(1), r), timed(lambda: run(n), r)
+                base.generate(x, attention_mask=torch.ones_like(x), generation_config=cfg, streamer=clock)
+            return clock.first, time.perf_counter()
+        run()
+        return timed(run, r)
 
     rows = []
     full_rate = {}
     for d, v in zip(dirs, vruns):
         j = d.exit_layer
         row = {"budget": d.budget, "exit_layer": j, "ideal_speedup": ideal_speedup(model, d.budget)}
-        for bsz, base_i in ((1, 0), (args.batch, 3)):
-            t1 = statistics.median(v["requests"][base_i + 1]["seconds"])
-            tn = statistics.median(v["requests"][base_i + 2]["seconds"])
-            row[f"vllm_b{bsz}_tok_s"] = bsz * (n - 1) / (tn - t1)
-            row[f"vllm_b{bsz}_ttft_s"] = t1
-            e1, en = engine_times(j, one if bsz == 1 else batch)
-            row[f"engine_b{bsz}_tok_s"] = bsz * (n - 1) / (en - e1)
-            row[f"engine_b{bsz}_ttft_s"] = e1
+        for bsz, k in ((1, 1), (args.batch, 3)):
+            timing = v["requests"][k]["timing"]
+            row[f"vllm_b{bsz}_ttft_s"] = statistics.median(t["ttft_s"] for t in timing)
+            row[f"vllm_b{bsz}_tok_s"] = bsz * (n - 1) / statistics.median(t["decode_s"] for t in timing)
+            row[f"vllm_b{bsz}_wall_s"] = statistics.median(v["requests"][k]["seconds"])
+            ttft, decode = engine_times(j, one if bsz == 1 else batch)
+            row[f"engine_b{bsz}_tok_s"] = bsz * (n - 1) / decode
+            row[f"engine_b{bsz}_ttft_s"] = ttft
         row["vllm_startup_s"] = v["startup_s"]
         rows.append(row)
     full = rows[-1]
@@ -147,8 +170,8 @@ def main() -> int:
                 row[f"{eng}_b{bsz}_efficiency"] = s / row["ideal_speedup"] if row["budget"] != full["budget"] else 1.0
     hf = {}
     for bsz, x in ((1, one), (args.batch, batch)):
-        h1, hn = hf_times(x)
-        hf[f"b{bsz}_tok_s"], hf[f"b{bsz}_ttft_s"] = bsz * (n - 1) / (hn - h1), h1
+        ttft, decode = hf_times(x)
+        hf[f"b{bsz}_tok_s"], hf[f"b{bsz}_ttft_s"] = bsz * (n - 1) / decode, ttft
     result = {"args": vars(args), "exits": str(exits), "exits_trained": trained, "threads": args.threads, "rows": rows, "hf_full": hf,
               "torch": torch.__version__}
     (out / "vllm_bench.json").write_text(json.dumps(result, indent=2))

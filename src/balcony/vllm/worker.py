@@ -16,7 +16,9 @@ Job format::
                              "max_tokens": 8, "logprobs": 1, "repeats": 1}]}]}
 
 Result: per run, the engine's start-up seconds and per request the generated token
-ids, the logprob of each generated token, and the wall seconds of each repeat.
+ids, the logprob of each generated token, the wall seconds of each repeat and (with
+``"disable_log_stats": false``) vLLM's own timing of each: time to first token and
+the decode window.
 """
 
 from __future__ import annotations
@@ -45,12 +47,13 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
                 ignore_eos=bool(req.get("ignore_eos", True)),
             )
             prompts = [{"prompt_token_ids": list(p)} for p in req["prompts"]]
-            times, outputs = [], None
+            times, timings, outputs = [], [], None
             for _ in range(int(req.get("repeats", 1))):
                 t1 = time.perf_counter()
                 outputs = llm.generate(prompts, params, use_tqdm=False)
                 times.append(time.perf_counter() - t1)
-            entry: dict[str, Any] = {"seconds": times, "tokens": [], "logprobs": []}
+                timings.append(_timing(outputs))
+            entry: dict[str, Any] = {"seconds": times, "timing": timings, "tokens": [], "logprobs": []}
             for o in outputs or []:
                 c = o.outputs[0]
                 entry["tokens"].append(list(c.token_ids))
@@ -64,6 +67,16 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         del llm
         gc.collect()
     return {"runs": results}
+
+
+def _timing(outputs) -> dict[str, float] | None:
+    """Engine-side timing of one generate() call (needs ``disable_log_stats=False``): median time to first
+    token, and the decode window from the last sequence's first token to the last token of all."""
+    stats = [o.metrics for o in outputs if getattr(o, "metrics", None) is not None and getattr(o.metrics, "first_token_ts", 0)]
+    if not stats:
+        return None
+    ttft = sorted(m.first_token_latency for m in stats)[len(stats) // 2]
+    return {"ttft_s": ttft, "decode_s": max(m.last_token_ts for m in stats) - max(m.first_token_ts for m in stats)}
 
 
 def _spec_stats(llm) -> dict[str, float] | None:
