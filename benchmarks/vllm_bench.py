@@ -3,9 +3,10 @@
 For every budget and at batch 1 and batch B (default 16), greedy, exactly N new
 tokens (EOS ignored), the same prompt of P tokens in every row:
 
-* vLLM (each budget exported by `balcony.vllm.export_vllm`, one engine after
-  another in vLLM's own environment through `balcony.vllm.worker`; prefix
-  caching off so every run prefills);
+* vLLM (each budget exported by `balcony.vllm.export_vllm`; all four engines
+  loaded at once in vLLM's own environment through `balcony.vllm.worker` and
+  timed in turns, so drift in a shared machine's speed hits every budget alike;
+  prefix caching off so every run prefills);
 * balcony's engine (`balcony.inference.engine.generate_stream`);
 * HF `generate` on the base (the full budget only: HF has no budgets).
 
@@ -119,19 +120,26 @@ def main() -> int:
     engine = {"dtype": "float32", "max_model_len": args.prompt_tokens + n + 8, "kv_cache_memory_bytes": 256 << 20,
               "enable_prefix_caching": False, "max_num_seqs": max(args.batch, 1), "disable_log_stats": False}
     t0 = time.perf_counter()
-    vruns = run_worker({"engine": engine, "runs": [{"model": str(d.path), "requests": reqs} for d in dirs]},
+    vruns = run_worker({"engine": engine, "interleave": True, "runs": [{"model": str(d.path), "requests": reqs} for d in dirs]},
                        threads=args.threads, log=out / "vllm_worker.log")["runs"]
     print(f"[vllm_bench] vLLM part took {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
     # balcony's engine and HF generate, in this process.
-    def engine_times(j: int, x: torch.Tensor) -> tuple[float, float]:
-        def run():
-            first = None
+    def engine_times(x: torch.Tensor) -> dict[int, tuple[float, float]]:
+        """Median (TTFT, decode s) per exit layer, the budgets timed in turns like vLLM's engines."""
+        def run(j):
+            t0, first = time.perf_counter(), None
             for _ in generate_stream(model, x, exit=j, max_new_tokens=n):
                 first = first or time.perf_counter()
-            return first, time.perf_counter()
-        run()  # warm-up
-        return timed(run, r)
+            return first - t0, time.perf_counter() - first
+        layers = [d.exit_layer for d in dirs]
+        for j in layers:
+            run(j)  # warm-up
+        runs = {j: [] for j in layers}
+        for _ in range(r):
+            for j in layers:
+                runs[j].append(run(j))
+        return {j: (statistics.median(a for a, _ in v), statistics.median(b for _, b in v)) for j, v in runs.items()}
 
     def hf_times(x: torch.Tensor) -> tuple[float, float]:
         from transformers import GenerationConfig
@@ -146,8 +154,8 @@ def main() -> int:
         run()
         return timed(run, r)
 
+    engine = {bsz: engine_times(one if bsz == 1 else batch) for bsz in (1, args.batch)}
     rows = []
-    full_rate = {}
     for d, v in zip(dirs, vruns):
         j = d.exit_layer
         row = {"budget": d.budget, "exit_layer": j, "ideal_speedup": ideal_speedup(model, d.budget)}
@@ -156,7 +164,7 @@ def main() -> int:
             row[f"vllm_b{bsz}_ttft_s"] = statistics.median(t["ttft_s"] for t in timing)
             row[f"vllm_b{bsz}_tok_s"] = bsz * (n - 1) / statistics.median(t["decode_s"] for t in timing)
             row[f"vllm_b{bsz}_wall_s"] = statistics.median(v["requests"][k]["seconds"])
-            ttft, decode = engine_times(j, one if bsz == 1 else batch)
+            ttft, decode = engine[bsz][j]
             row[f"engine_b{bsz}_tok_s"] = bsz * (n - 1) / decode
             row[f"engine_b{bsz}_ttft_s"] = ttft
         row["vllm_startup_s"] = v["startup_s"]

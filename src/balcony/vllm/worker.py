@@ -10,6 +10,7 @@ engine starts in seconds rather than a minute).
 Job format::
 
     {"engine": {"dtype": "float32", "max_model_len": 256, ...},   # vllm.LLM keyword arguments
+     "interleave": false,                                         # true: all engines at once, timed in turns
      "runs": [{"model": "out/S",                                 # one engine per run
                "engine": {...},                                   # per-run overrides (e.g. speculative_config)
                "requests": [{"prompts": [[1, 2, 3], [4, 5]],     # token ids; one generate() call per request
@@ -31,8 +32,10 @@ from typing import Any
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
-    """Run every engine of `job` in turn; see the module docstring for the format."""
-    from vllm import LLM, SamplingParams
+    """Run every engine of `job` in turn (or all at once, round-robin, with ``"interleave": true``); see the module docstring."""
+    if job.get("interleave"):
+        return _run_interleaved(job)
+    from vllm import LLM
 
     results = []
     for run in job["runs"]:
@@ -42,10 +45,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         startup = time.perf_counter() - t0
         out: dict[str, Any] = {"model": run["model"], "startup_s": startup, "requests": []}
         for req in run["requests"]:
-            params = SamplingParams(
-                temperature=0.0, max_tokens=int(req["max_tokens"]), logprobs=req.get("logprobs"),
-                ignore_eos=bool(req.get("ignore_eos", True)),
-            )
+            params = _params(req)
             prompts = [{"prompt_token_ids": list(p)} for p in req["prompts"]]
             times, timings, outputs = [], [], None
             for _ in range(int(req.get("repeats", 1))):
@@ -66,6 +66,37 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         results.append(out)
         del llm
         gc.collect()
+    return {"runs": results}
+
+
+def _params(req: dict[str, Any]):
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=int(req["max_tokens"]), logprobs=req.get("logprobs"), ignore_eos=bool(req.get("ignore_eos", True)))
+
+
+def _run_interleaved(job: dict[str, Any]) -> dict[str, Any]:
+    """Load every run's engine at once, then time them in turns: repeat r of request k runs on each engine before
+    repeat r + 1, so a machine whose speed drifts (a shared one) slows every engine alike. Every run needs the
+    same number of requests."""
+    from vllm import LLM
+
+    engines, results = [], []
+    for run in job["runs"]:
+        t0 = time.perf_counter()
+        engines.append(LLM(model=run["model"], **{"enforce_eager": True, "seed": 0, **job.get("engine", {}), **run.get("engine", {})}))
+        results.append({"model": run["model"], "startup_s": time.perf_counter() - t0, "requests": []})
+    for k in range(len(job["runs"][0]["requests"])):
+        for res in results:
+            res["requests"].append({"seconds": [], "timing": [], "tokens": [], "logprobs": []})
+        for _ in range(int(job["runs"][0]["requests"][k].get("repeats", 1))):
+            for llm, run, res in zip(engines, job["runs"], results):
+                req = run["requests"][k]
+                t1 = time.perf_counter()
+                outputs = llm.generate([{"prompt_token_ids": list(p)} for p in req["prompts"]], _params(req), use_tqdm=False)
+                res["requests"][k]["seconds"].append(time.perf_counter() - t1)
+                res["requests"][k]["timing"].append(_timing(outputs))
+                res["requests"][k]["tokens"] = [list(o.outputs[0].token_ids) for o in outputs]
     return {"runs": results}
 
 
