@@ -53,6 +53,13 @@ def serve(
     dtype: str = "float32",
     device: str | None = None,
     log_level: str = "info",
+    engine: str = "builtin",
+    backend: list[str] | None = None,
+    vllm_dir: str | None = None,
+    vllm_max_model_len: int = 2048,
+    vllm_kv_cache_mb: int = 512,
+    vllm_draft: str | None = None,
+    vllm_args: str = "",
 ) -> int:
     """Serve the model over an OpenAI-compatible HTTP API, budget per request or automatic.
 
@@ -82,17 +89,26 @@ def serve(
         dtype: Weights dtype (float32, bfloat16, float16).
         device: Where to run the model (cpu, cuda, ...; default cpu).
         log_level: uvicorn/balcony log level (debug, info, warning).
+        engine: builtin (balcony's own engine, one process) or vllm (one vLLM server per budget; needs vLLM, see docs/vllm.md).
+        backend: vllm engine: BUDGET=URL of a vLLM server already serving that budget (repeatable); other budgets are started here.
+        vllm_dir: vllm engine: where the budgets are exported (default: a temporary directory).
+        vllm_max_model_len: vllm engine: context length of the servers started here.
+        vllm_kv_cache_mb: vllm engine: KV-cache memory of each server started here (MiB).
+        vllm_draft: vllm engine: B or B:K, the full budget drafts K tokens with budget B (vLLM speculative decoding, lossless).
+        vllm_args: vllm engine: more `vllm serve` arguments for each server started here.
     """
     import uvicorn
 
-
+    if engine not in ("builtin", "vllm"):
+        raise ValueError(f"engine={engine!r} is not one of builtin, vllm")
+    if engine == "builtin" and (backend or vllm_draft):
+        raise ValueError("--backend and --vllm-draft need --engine vllm")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     key = resolve_api_key(api_key, os.environ)
     warning = exposure_warning(host, key)
     if warning:
         logging.getLogger("balcony.serving").warning(warning)
     hosts = _names(allowed_hosts) if allowed_hosts else default_allowed_hosts(host)
-    m, tok, trained = build_model(model, exits, dtype=dtype, device=device)
     config = ServeConfig(
         model_name=served_model_name or served_name(model),
         default_budget=default_budget,
@@ -113,6 +129,15 @@ def serve(
         prefill_chunk=prefill_chunk or None,
         chat_special_tokens=chat_special_tokens,
     )
+    if engine == "vllm":
+        from .serve_vllm import vllm_app
+
+        app, where = vllm_app(model, exits, config, backend=backend, directory=vllm_dir, dtype=dtype, max_model_len=vllm_max_model_len,
+                              kv_cache_mb=vllm_kv_cache_mb, draft=vllm_draft, extra_args=vllm_args)
+        print(f"[balcony] serving {config.model_name} on http://{host}:{port}/v1 with vLLM engines: {where}; bare name = {default_budget}", flush=True)
+        uvicorn.run(app, host=host, port=port, log_level=log_level.lower())
+        return 0
+    m, tok, trained = build_model(model, exits, dtype=dtype, device=device)
     app = create_app(m, tok, config)
     budgets = ", ".join(f"{b} (layer {j})" for b, j in m.budgets.items())
     note = "" if trained else " [exits UNTRAINED: pass --exits DIR for trained ones]"
