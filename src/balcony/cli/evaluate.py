@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from ..eval.run import run_evaluation
-from ..modeling.loading import pick_device
+from ..modeling.loading import pick_device, pick_dtype
 from .registry import command
 
 
@@ -30,7 +30,7 @@ def evaluate_command(
     output: str = "outputs/eval",
     bench_json: str | None = None,
     plot: bool = True,
-    dtype: str = "float32",
+    dtype: str = "auto",
     device: str | None = None,
 ) -> int:
     """Score every budget on tasks and a text set; print and write a Table-1 style table and plots.
@@ -60,9 +60,10 @@ def evaluate_command(
         output: Folder for the table, JSON/CSV/Markdown and plots.
         bench_json: `balcony bench` JSON with measured speed-ups ({"budgets": [{"budget": "S", "speedup": 1.9}, ...]}).
         plot: Write the PNG plots.
-        dtype: Weights dtype (float32, bfloat16, ...).
-        device: cpu or cuda (default: CUDA when available).
+        dtype: Weights dtype: auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16.
+        device: cpu, cuda, cuda:1, mps (default: CUDA, then MPS, else the CPU).
     """
+    device = pick_device(device)
     report = run_evaluation(
         model=model,
         exits=exits,
@@ -83,8 +84,8 @@ def evaluate_command(
         output=output,
         bench_json=bench_json,
         plot=plot,
-        dtype=dtype,
-        device=pick_device(device),
+        dtype=pick_dtype(dtype, device),
+        device=device,
         log=lambda s: print(s, file=sys.stderr, flush=True),
     )
     print(report.to_text())

@@ -5,8 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-import torch
-
+from ..inference.devices import execution_device, make_generator
 from ..inference.engine import generate_stream
 from ..inference.speculative import SpeculativeStats, speculative_stream
 from .common import build_model, encode_prompt
@@ -34,6 +33,8 @@ def generate(
     stop: str | None = None,
     compile: bool = False,
     quantize: str | None = None,
+    device: str | None = None,
+    dtype: str = "auto",
 ) -> int:
     """Generate text at one compute budget, streaming tokens as they come.
 
@@ -57,12 +58,14 @@ def generate(
         stop: Stop once the output contains this string.
         compile: Compile the decode step with torch.compile (slow start; plain decoding only).
         quantize: Weight-only quantization: int8 (per channel) or int4 (groups of 32; int4-64, int4-128).
+        device: cpu, cuda, cuda:1, mps (default: CUDA, then MPS, else the CPU).
+        dtype: Weights dtype: auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16.
     """
-
-    m, tok, trained = build_model(model, exits, quantize=quantize)
+    m, tok, trained = build_model(model, exits, quantize=quantize, device=device, dtype=dtype)
     j = m.resolve_exit(budget)
-    ids = encode_prompt(tok, prompt, chat)
-    gen = torch.Generator().manual_seed(seed)
+    where = execution_device(m)
+    ids = encode_prompt(tok, prompt, chat).to(where)
+    gen = make_generator(seed, where)  # on the model's device: a generator draws only for tensors of its own
     common = dict(
         max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p,
         eos_token_id=tok.eos_token_id, generator=gen, stop_strings=[stop] if stop else None, tokenizer=tok,

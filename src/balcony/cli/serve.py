@@ -38,7 +38,7 @@ def serve(
     auto_budgets: str | None = None,
     auto_up_hold_s: float = 5.0,
     auto_down_cooldown_s: float = 1.0,
-    dtype: str = "float32",
+    dtype: str = "auto",
     device: str | None = None,
     log_level: str = "info",
 ) -> int:
@@ -61,12 +61,11 @@ def serve(
         auto_budgets: Budgets the auto policy may use, comma-separated (default: all).
         auto_up_hold_s: Auto budget: seconds of low load before stepping one budget back up.
         auto_down_cooldown_s: Auto budget: minimum seconds between two steps down.
-        dtype: Weights dtype (float32, bfloat16, float16).
-        device: Where to run the model (cpu, cuda, ...; default cpu).
+        dtype: Weights dtype: auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16.
+        device: cpu, cuda, cuda:1, mps (default: CUDA, then MPS, else the CPU).
         log_level: uvicorn/balcony log level (debug, info, warning).
     """
     import uvicorn
-
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     m, tok, trained = build_model(model, exits, dtype=dtype, device=device)
