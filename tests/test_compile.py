@@ -93,26 +93,30 @@ def test_compiled_generations_reuse_pooled_buffers(fresh_dynamo):
     assert {p for v in held.values() for p in v} <= {kv[0].data_ptr() for s in pool.free.values() for kv in s}
 
 
-def test_static_step_equals_the_dynamic_one_bit_for_bit():
-    # The static step attends over the whole cache with a mask; the dynamic one (`forward_budget` on one token,
-    # what decoding used before) over the filled slice. Masked positions add exact zeros.
-    from balcony.inference.engine import forward_budget
+def test_static_step_equals_the_dynamic_one():
+    # The dynamic step (`forward_budget` on one token: what decoding used before) attends over the filled slice at
+    # Python-int positions. The eager static step, reading its position from the device, does the same computation
+    # bit for bit; the whole-cache step (the compiled shapes, run eagerly here) adds masked positions: exact zeros.
+    from balcony.inference.engine import _static_step, forward_budget
 
-    for family in ("llama", "phi3"):
+    for family in ("llama", "phi3", "mistral"):
         model = make(family)
         x = ids(t=7)
         out = {}
-        for static in (True, False):
+        for variant in ("dynamic", "eager", "whole"):
             state = new_state(model, budget_slots(model, 6), 1, 16)
             with torch.no_grad():
                 steps = [prefill(model, state, x, 6)]
-                for _ in range(6):
+                for _ in range(7):
                     token = steps[-1].argmax(-1)
-                    step = decode_one_token(model, state, token, 6) if static else forward_budget(model, state, token[:, None], 6)[:, -1]
-                    steps.append(step)
-            out[static] = torch.stack(steps)
-        torch.testing.assert_close(out[True], out[False], atol=1e-6, rtol=0)
-        assert torch.equal(out[True].argmax(-1), out[False].argmax(-1))
+                    if variant == "dynamic":
+                        steps.append(forward_budget(model, state, token[:, None], 6)[:, -1])
+                    else:
+                        steps.append(decode_one_token(model, state, token, 6, _static_step if variant == "whole" else None))
+            out[variant] = torch.stack(steps)
+        assert torch.equal(out["eager"], out["dynamic"]), family
+        torch.testing.assert_close(out["whole"], out["dynamic"], atol=1e-6, rtol=0)
+        assert torch.equal(out["whole"].argmax(-1), out["dynamic"].argmax(-1))
 
 
 # ------------------------------------------------------------------------ host reads

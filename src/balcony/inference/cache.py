@@ -100,7 +100,8 @@ class StaticKVCache(Cache):
       (B, H_kv, max_len, D) buffers; the caller's mask hides the invalid
       positions and the caller moves the write pointers (`mark_written`). Nothing
       here reads a Python position, which is what lets a compiled step run for
-      every token without being traced again.
+      every token without being traced again. An eager step may set ``limit``
+      (the filled length, known on the host) to get back [0, limit) only.
 
     Args:
         slots: The cache slots (layer indices; exits own slots N, N+1, ...) this cache may hold.
@@ -118,6 +119,7 @@ class StaticKVCache(Cache):
         self.max_len = max_len
         self.pos = 0  # where the next `update` writes (set by the engine before each forward)
         self.index: torch.Tensor | None = None  # or: (T,) device positions of a static step
+        self.limit: int | None = None  # an eager static step: return K/V for positions [0, limit) only
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
@@ -129,6 +131,8 @@ class StaticKVCache(Cache):
             index = self.index.to(key_states.device)  # a no-op unless a device_map spreads the layers
             layer.keys.index_copy_(2, index, key_states)
             layer.values.index_copy_(2, index, value_states)
+            if self.limit is not None:  # an eager step: attend to the filled part only, as its mask says
+                return layer.keys[:, :, : self.limit], layer.values[:, :, : self.limit]
             return layer.keys, layer.values
         start, end = self.pos, self.pos + key_states.shape[2]
         if start > layer.filled:  # a hole would be attended as zeros: a bookkeeping bug, never silent

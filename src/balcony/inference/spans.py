@@ -130,7 +130,7 @@ def make_span(
     return Span(pos, length, masks, position_ids, model.parts.rotary_emb(like, position_ids))
 
 
-def static_span(model: BalconyModel, state: DecodeState, like: torch.Tensor) -> Span:
+def static_span(model: BalconyModel, state: DecodeState, like: torch.Tensor, limit: int | None = None) -> Span:
     """The one-token span of a decode step at `state.pos`, the same shapes at every step.
 
     Keys are the whole cache (max_len positions); each layer type's mask is
@@ -142,16 +142,25 @@ def static_span(model: BalconyModel, state: DecodeState, like: torch.Tensor) -> 
 
     Args:
         like: A (B, 1, H) tensor of the hidden dtype/device (the rotary embedding reads both).
+        limit: For an eager step, the filled length after this step (a host int, free to read): keys
+            and masks stop there, so the step attends to what it needs only (no mask at all where
+            nothing is padded or outside a window, as before); shapes then change, so never under compile.
     """
     pos = state.pos  # (1,)
     position_ids = pos[None] if state.pad is None else pos[None] - state.pad[:, None]  # (1 | B, 1)
-    k = state.arange  # (L,)
+    k = state.arange if limit is None else state.arange[:limit]  # (L,)
     seen = k <= pos  # (L,): this query and everything before it
     masks = {}
     for kind in set(model.parts.layer_types):
         window = getattr(model.base.config, "sliding_window", None) if kind == "sliding_attention" else None
+        if limit is not None and state.key_valid is None and (window is None or limit <= window):
+            masks[kind] = None  # every key up to `limit` is visible: plain attention, HF's own decode path
+            continue
         allowed = seen & (k > pos - window) if window is not None else seen
-        allowed = (allowed[None] & state.key_valid)[:, None, None] if state.key_valid is not None else allowed[None, None, None]
+        if state.key_valid is not None:
+            allowed = (allowed[None] & state.key_valid[:, : k.shape[0]])[:, None, None]
+        else:
+            allowed = allowed[None, None, None]
         masks[kind] = _additive(model, allowed) if state.attn == "eager" else allowed  # (B | 1, 1, 1, L)
     return Span(None, 1, masks, position_ids, model.parts.rotary_emb(like, position_ids), index=pos)
 
