@@ -5,8 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-import torch
-
+from ..inference.devices import execution_device, make_generator
 from ..inference.engine import generate_stream
 from ..inference.options import ExitPolicy
 from ..inference.speculative import SpeculativeStats, speculative_stream
@@ -43,6 +42,8 @@ def generate(
     quantize: str | None = None,
     threshold: float = 0.9,
     confidence_vocab: int | None = None,
+    device: str | None = None,
+    dtype: str = "auto",
 ) -> int:
     """Generate text at one compute budget, streaming tokens as they come.
 
@@ -68,15 +69,17 @@ def generate(
         quantize: Weight-only quantization: int8 (per channel) or int4 (groups of 32; int4-64, int4-128).
         threshold: With --budget auto: a token leaves at the first exit whose top-1 probability is above this (0: always the first exit, 1: never early).
         confidence_vocab: With --budget auto: score confidence over the first this many token ids only (a cheaper check; e.g. 8192).
+        device: cpu, cuda, cuda:1, mps (default: CUDA, then MPS, else the CPU).
+        dtype: Weights dtype: auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16.
     """
-
-    m, tok, trained = build_model(model, exits, quantize=quantize)
+    m, tok, trained = build_model(model, exits, quantize=quantize, device=device, dtype=dtype)
     auto = budget.strip().lower() == AUTO_EXIT
     if auto and speculative:
         raise ValueError("--budget auto (token-level exits) and --speculative are two decoding modes: pick one")
     j = m.num_layers if auto else m.resolve_exit(budget)
-    ids = encode_prompt(tok, prompt, chat)
-    gen = torch.Generator().manual_seed(seed)
+    where = execution_device(m)
+    ids = encode_prompt(tok, prompt, chat).to(where)
+    gen = make_generator(seed, where)  # on the model's device: a generator draws only for tensors of its own
     common = dict(
         max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p,
         eos_token_id=tok.eos_token_id, generator=gen, stop_strings=[stop] if stop else None, tokenizer=tok,

@@ -50,7 +50,7 @@ def serve(
     max_body_mb: float = 8.0,
     prefill_chunk: int = 256,
     chat_special_tokens: bool = False,
-    dtype: str = "float32",
+    dtype: str = "auto",
     device: str | None = None,
     log_level: str = "info",
     engine: str = "builtin",
@@ -86,8 +86,8 @@ def serve(
         max_body_mb: Largest request body in MiB; larger ones get 413 before they are read.
         prefill_chunk: Prompt tokens per prefill pass; between passes, requests past their timeout or whose client left are dropped (0: one pass).
         chat_special_tokens: Parse control tokens such as <|im_end|> inside chat message content as control tokens (unsafe: a user can forge a system turn); by default they are plain text.
-        dtype: Weights dtype (float32, bfloat16, float16).
-        device: Where to run the model (cpu, cuda, ...; default cpu).
+        dtype: Weights dtype: auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16.
+        device: cpu, cuda, cuda:1, mps (default: CUDA, then MPS, else the CPU).
         log_level: uvicorn/balcony log level (debug, info, warning).
         engine: builtin (balcony's own engine, one process) or vllm (one vLLM server per budget; needs vLLM, see docs/vllm.md).
         backend: vllm engine: BUDGET=URL of a vLLM server already serving that budget (repeatable); other budgets are started here.

@@ -147,7 +147,7 @@ def token_exit_stream(
     state = new_state(model, slots, b, max_len, attention_mask)
     head = parts.lm_head
     score_head = head_rows(head, policy.confidence_vocab) if policy.confidence_vocab else head
-    stopper = StopChecker(b, opts.eos_token_id, opts.stop_strings, opts.tokenizer, opts.pad_token_id, input_ids.device)
+    stopper = StopChecker(b, opts.eos_token_id, opts.stop_strings, opts.tokenizer, opts.pad_token_id, state.arange.device)
     # saved[j]: (B, max_len, H) hidden state after layer j, for positions that still have to go deeper.
     saved: dict[int, torch.Tensor] = {}
     filled = {j: 0 for j in points}  # segment ending at j (and exit j's cache): positions [0, filled[j]) hold K/V
@@ -190,8 +190,8 @@ def token_exit_stream(
     with torch.no_grad():
         position_ids = None
         if state.pad is not None:  # HF's rule for padded prompts (as the engine's prefill)
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-            full_pos = torch.arange(max_len, device=input_ids.device)[None] - state.pad[:, None]
+            position_ids = (attention_mask.to(state.arange.device).long().cumsum(-1) - 1).clamp(min=0)
+            full_pos = state.arange[None] - state.pad[:, None]
             position_ids = torch.cat([position_ids, full_pos[:, t:]], 1)
         token = stopper(step(parts.embed_tokens(input_ids), 0, t, position_ids))
         for i in range(opts.max_new_tokens):
