@@ -5,6 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+# Where an NVIDIA GPU answers, ask for the CUDA build explicitly (a wheel mirror may serve the CPU-only one).
+if [ -z "${TORCH_SPEC:-}" ] && command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+fi
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 EXTRAS=${BALCONY_EXTRAS:-dev}
 if [ ! -x .venv/bin/python ]; then

@@ -1,6 +1,18 @@
+import os
+
 import pytest
 import torch
 from tiny_models import tiny_base, tiny_hf_tokenizer
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run where CUDA is, or on the device BALCONY_TEST_DEVICE names (scripts/gpu_check.sh --device cpu)."""
+    if torch.cuda.is_available() or os.environ.get("BALCONY_TEST_DEVICE"):
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (BALCONY_TEST_DEVICE=cpu runs the GPU checks on the CPU)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture

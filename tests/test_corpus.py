@@ -67,3 +67,23 @@ def test_each_sampling_setting_has_its_own_cache_file():
     assert default == corpus_path(model, 0) and cooler == corpus_path(model, 0, **cool) and default != cooler
     assert default.read_text() != cooler.read_text()
     assert corpus_path(model, 0, **{**SAMPLING, "temperature": 0.9}) not in (default, cooler)
+
+
+def test_two_runs_sharing_a_cache_append_each_passage_once(tmp_path, monkeypatch):
+    """A second run on the same cache waits for the first instead of appending the same rounds again."""
+    import threading
+
+    tok = tiny_hf_tokenizer()
+    model = BalconyModel(tiny_base(vocab_size=len(tok)), BalconyConfig(exit_layers=[2]))
+    kw = dict(num_tokens=150, batch_size=4, max_new_tokens=24, progress=False)
+    paths = []
+    threads = [threading.Thread(target=lambda: paths.append(generated_corpus(model, tok, **kw))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert paths[0] == paths[1]
+    shared = paths[0].read_text()
+    monkeypatch.setenv("BALCONY_CACHE", str(tmp_path / "alone"))
+    alone = generated_corpus(model, tok, **kw).read_text()
+    assert shared == alone  # exactly what one run writes: no round appended twice

@@ -314,3 +314,20 @@ def test_bench_command_writes_json_and_chart(tmp_path, tiny_model_dir, capsys):
     result = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert [r["exit_layer"] for r in result["budgets"]] == [2, 4, 6] and result["exits_trained"] is False
     assert "efficiency" in capsys.readouterr().out
+
+
+def test_bench_compiles_every_budget(tmp_path):
+    from balcony.bench.report import format_table
+    from balcony.bench.speed import run_bench
+
+    tok = tiny_hf_tokenizer()
+    model = BalconyModel(tiny_base(vocab_size=len(tok)), BalconyConfig(exit_layers=EXITS))
+    torch._dynamo.reset()
+    try:
+        result = run_bench(model, tok, max_new_tokens=3, prompt_tokens=4, repeats=1, hf=False, speculative=False, compile="eager", log=lambda s: None)
+    finally:
+        torch._dynamo.reset()
+    assert result["compile_backend"] == "eager" and result["device"] == "cpu"
+    assert all(r["compiled_decode_tok_s"] > 0 and r["compiled_over_eager"] > 0 for r in result["budgets"])
+    assert set(result["compiled"]) == {f"engine_c:{j}" for j in model.budgets.values()} | {"engine_c"}
+    assert "compiled tok/s" in format_table(result) and "torch.compile (eager)" in format_table(result)

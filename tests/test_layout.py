@@ -25,6 +25,7 @@ LAYERS = {
     "balcony.eval": 3,
     "balcony.bench": 3,
     "balcony.serving": 3,
+    "balcony.vllm": 3,  # export + vLLM plugin: reads modeling; only its own modules import vllm
     "balcony.studies": 3.5,  # ablation studies: train (training) and score (eval) variants
     "balcony.cli": 4,
     "balcony": 5,  # the package root re-exports the public API
@@ -162,7 +163,7 @@ def test_optional_dependencies_stay_in_their_rooms():
 
 
 def test_core_imports_without_the_optional_extras():
-    """`import balcony`, the CLI's parser and the core run with fastapi, uvicorn, lm-eval and matplotlib missing."""
+    """`import balcony`, the CLI's parser and the core (and `balcony.vllm`'s export) run with fastapi, uvicorn, lm-eval, matplotlib and vLLM missing."""
     code = (
         "import sys\n"
         "class Block:\n"
@@ -170,7 +171,7 @@ def test_core_imports_without_the_optional_extras():
         "        if name.split('.')[0] in ('fastapi', 'uvicorn', 'starlette', 'lm_eval', 'matplotlib', 'vllm'):\n"
         "            raise ImportError(f'blocked {name}')\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import balcony, balcony.cli, balcony.training, balcony.eval, balcony.bench\n"
+        "import balcony, balcony.cli, balcony.training, balcony.eval, balcony.bench, balcony.vllm\n"
         "from balcony.cli import build_parser\n"
         "build_parser().parse_args(['generate', 'hi'])\n"
         "print('ok')\n"

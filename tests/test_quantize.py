@@ -196,3 +196,73 @@ def test_cli_quantize_flag(tmp_path, tiny_model_dir, capsys):
     bench = ["bench", "--model", str(tiny_model_dir), "--exit-layers", "2,4", "--max-new-tokens", "3", "--prompt-tokens", "4"]
     assert main(bench + ["--repeats", "1", "--no-hf", "--no-speculative", "--quantize", "int3", "--out", str(tmp_path / "o")]) == 2
     assert "quantize='int3'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------ off the CPU: dequantised in the graph
+def test_int8_in_graph_path_matches_the_cpu_kernel(monkeypatch):
+    """The path CUDA (and any non-CPU device) takes, run here on CPU tensors: same result as the CPU kernel."""
+    import balcony.inference.quantize as quantize
+
+    lin = _linear(96, 64, bias=True)
+    q = Int8Linear(lin)
+    x = torch.randn(3, 5, 64)
+    with torch.no_grad():
+        kernel = q(x)
+        monkeypatch.setattr(quantize, "uses_cpu_kernel", lambda x: False)
+        monkeypatch.setattr(torch, "_weight_int8pack_mm", None)  # the other path must not touch the CPU kernel
+        graph = q(x)
+        rows = head_rows(q, 40)(x)
+    # The kernel rounds the activations to bfloat16; the in-graph path computes in the input's dtype.
+    assert graph.dtype == x.dtype and (graph - kernel).norm() / kernel.norm() < 5e-3
+    torch.testing.assert_close(graph, torch.nn.functional.linear(x, q.dequantize(), lin.bias), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rows, graph[..., :40], atol=1e-5, rtol=0)
+
+
+def test_int4_nibble_layout_holds_the_cpu_kernels_weights(monkeypatch):
+    import balcony.inference.quantize as quantize
+
+    lin = _linear(64, 128, bias=True)
+    cpu, generic = Int4Linear(lin, 32), Int4Linear(lin, 32, layout="nibbles")
+    assert cpu.layout == "cpu" and generic.layout == "nibbles" and generic.weight.shape == (64, 64)
+    # The CPU kernel applied to the identity reads out the (bfloat16) weights it computes with: the same as ours.
+    eye = torch.eye(128, dtype=torch.bfloat16)
+    kernel_w = torch._weight_int4pack_mm_for_cpu(eye, cpu.weight, 32, cpu.scales_and_zeros).T
+    assert torch.equal(kernel_w, generic.dequantize(torch.bfloat16))
+    x = torch.randn(4, 128)
+    with torch.no_grad():
+        ref, a = lin(x), cpu(x)
+        monkeypatch.setattr(quantize, "uses_cpu_kernel", lambda x: False)
+        monkeypatch.setattr(torch, "_weight_int4pack_mm_for_cpu", None)
+        b = generic(x)
+        with pytest.raises(ValueError, match=r"packed for the CPU kernel but runs on cpu.*then \.quantize\('int4'\)"):
+            cpu(x)  # the CPU layout off the CPU (simulated): refused, naming the device
+    assert (b - a).norm() / a.norm() < 5e-3 and 0 < (b - ref).norm() / ref.norm() < 0.15
+
+
+def test_layers_quantized_off_the_cpu_take_the_in_graph_layout():
+    # A layer on another device (here 'meta': this torch has no CUDA) gets int4 in nibbles, whatever out_features is;
+    # before, int4 quietly fell back to int8 off the CPU.
+    with torch.device("meta"):
+        lin = torch.nn.Linear(64, 97)
+    q = quantize_linear(lin, "int4-32")
+    assert isinstance(q, Int4Linear) and q.layout == "nibbles" and q.weight.device.type == "meta"
+    assert isinstance(quantize_linear(_linear(97, 64), "int4-32"), Int8Linear)  # on the CPU the kernel's shape rule holds
+
+
+def test_quantized_model_decodes_and_compiles_through_the_in_graph_path(monkeypatch):
+    import balcony.inference.quantize as quantize
+
+    model = make()
+    x = ids(t=6)
+    kernel = copy.deepcopy(model).quantize("int8")
+    with torch.no_grad():
+        want = kernel(x).logits
+    monkeypatch.setattr(quantize, "uses_cpu_kernel", lambda x: False)
+    graph = copy.deepcopy(model).quantize("int8")
+    with torch.no_grad():
+        got = graph(x).logits
+    assert (got - want).norm() / want.norm() < 5e-3
+    torch._dynamo.reset()
+    eager = generate(graph, x, max_new_tokens=6)
+    assert torch.equal(generate(graph, x, max_new_tokens=6, compile="aot_eager"), eager)  # fullgraph: dequantisation in the graph
+    torch._dynamo.reset()

@@ -446,3 +446,28 @@ def test_auto_budget_moves_down_under_a_burst_and_back_after(tiny, monkeypatch):
         assert m.value("balcony_budget_switches_total", {"direction": "down"}) >= 1
         assert m.value("balcony_budget_switches_total", {"direction": "up"}) >= 1
         assert m.value("balcony_budget_requests_total", {"budget": "XL", "mode": "auto"}) >= 2
+
+
+def test_token_level_exits_per_request(server, tiny):
+    """`"threshold"` asks for token-level exits: 0 answers as budget S, 1 as the full model; the response names it."""
+    port, _ = server
+    model, tok = tiny
+    c = client(port)
+    for tau, budget in ((0, "S"), (1, "XL")):
+        resp = c.completions.create(model=NAME, prompt="hello world", max_tokens=6, temperature=0, extra_body={"threshold": tau})
+        assert resp.choices[0].text == expected(model, tok, "hello world", budget, 6), tau
+        assert resp.budget == f"auto@{tau}"
+    chunks = list(c.completions.create(model=NAME, prompt="hello world", max_tokens=6, temperature=0, stream=True, extra_body={"threshold": 0.5}))
+    assert {ch.budget for ch in chunks} == {"auto@0.5"}
+    ok = {"model": NAME, "prompt": "hello", "max_tokens": 2}
+    for body, code, param in (
+        ({**ok, "threshold": 1.5}, "invalid_value", "threshold"),
+        ({**ok, "threshold": "high"}, "invalid_type", "threshold"),
+        ({**ok, "model": f"{NAME}:S", "threshold": 0.5}, "conflicting_budget", "threshold"),
+        ({**ok, "budget": "M", "threshold": 0.5}, "conflicting_budget", "threshold"),
+        ({**ok, "speculative": True, "threshold": 0.5}, "invalid_value", "threshold"),
+    ):
+        got, _, resp = raw(port, "POST", "/v1/completions", body)
+        assert got == 400 and resp["error"]["code"] == code and resp["error"]["param"] == param, (body, resp)
+    got, _, resp = raw(port, "POST", "/v1/completions", '{"model": "%s", "prompt": "hi", "threshold": NaN}' % NAME)
+    assert got == 400 and resp["error"]["param"] == "threshold"

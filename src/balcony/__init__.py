@@ -24,12 +24,17 @@ Layout (imports point one way, left to right; `tests/test_layout.py` checks it):
 
 from ._version import __version__
 from .inference.engine import generate, generate_stream
-from .inference.options import DecodeOptions, DraftOptions
+from .inference.options import DecodeOptions, DraftOptions, ExitPolicy
 from .inference.sampling import SamplingConfig
 from .inference.speculative import (
     SpeculativeStats,
     speculative_generate,
     speculative_stream,
+)
+from .inference.token_exits import (
+    TokenExitStats,
+    token_exit_generate,
+    token_exit_stream,
 )
 from .modeling.config import BalconyConfig
 from .modeling.cost import ideal_speedup, kv_cache_bytes
@@ -45,8 +50,10 @@ __all__ = [
     "DecodeOptions",
     "DistillOutput",
     "DraftOptions",
+    "ExitPolicy",
     "SamplingConfig",
     "SpeculativeStats",
+    "TokenExitStats",
     "__version__",
     "default_model",
     "generate",
@@ -56,4 +63,6 @@ __all__ = [
     "load_base",
     "speculative_generate",
     "speculative_stream",
+    "token_exit_generate",
+    "token_exit_stream",
 ]

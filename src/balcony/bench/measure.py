@@ -1,4 +1,10 @@
-"""Timing and memory primitives for benchmarks: round-robin medians, peak RSS sampled by a thread, the matmul floor."""
+"""Timing and memory primitives for benchmarks: device-synchronised clocks, round-robin medians, peak memory, the matmul floor.
+
+On an accelerator a kernel launch returns before the kernel ran, so every clock
+read here (`now`) first waits for the device (`synchronize`); a timer that did
+not would time the launches. Peak memory is the host's RSS on the CPU and the
+allocator's peak on CUDA.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,14 @@ from typing import Callable
 
 import torch
 
+from ..inference.devices import synchronize
 from ..modeling.model import BalconyModel
+
+
+def now(device: torch.device | str | None = None) -> float:
+    """`time.perf_counter()` after the device finished its queued work (a no-op wait on the CPU)."""
+    synchronize(device)
+    return time.perf_counter()
 
 
 def _rss_bytes() -> int:
@@ -73,18 +86,59 @@ class PeakRSS:
         return (self.peak - self.start) / 2**20
 
 
-def _wall(fn: Callable[[], object]) -> Callable[[], float]:
-    """`fn` -> a function returning its wall time in seconds."""
+class PeakDeviceMemory:
+    """Peak growth of CUDA memory allocated during a block (`torch.cuda.max_memory_allocated`), in `peak_mb`."""
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+
+    def __enter__(self) -> "PeakDeviceMemory":
+        synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.start = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        synchronize(self.device)
+        self.peak = torch.cuda.max_memory_allocated(self.device)
+
+    @property
+    def peak_mb(self) -> float:
+        """MiB allocated above the level at the start, at the peak."""
+        return (self.peak - self.start) / 2**20
+
+
+def peak_memory(device: torch.device | str | None = None) -> PeakRSS | PeakDeviceMemory:
+    """The peak-memory meter for `device`: the allocator's on CUDA, the process RSS elsewhere."""
+    if device is not None and torch.device(device).type == "cuda":
+        return PeakDeviceMemory(device)
+    return PeakRSS()
+
+
+def memory_kind(device: torch.device | str | None = None) -> str:
+    """What `peak_memory(device)` measures, in words (for reports)."""
+    if device is not None and torch.device(device).type == "cuda":
+        return "peak CUDA memory allocated (MiB) above the level before the run, during the untimed warm-up run"
+    return (
+        "peak RSS growth (MiB) over the level before the run, during the untimed warm-up run, sampled every 1 ms "
+        "after returning freed heap memory to the OS (malloc_trim); weights are touched beforehand"
+    )
+
+
+def _wall(fn: Callable[[], object], device: torch.device | str | None = None) -> Callable[[], float]:
+    """`fn` -> a function returning its wall time in seconds (device work included)."""
 
     def timed() -> float:
-        t0 = time.perf_counter()
+        t0 = now(device)
         fn()
-        return time.perf_counter() - t0
+        return now(device) - t0
 
     return timed
 
 
-def run_cases(cases: dict[str, Callable[[], object]], repeats: int, log: Callable[[str], None] = print) -> tuple[dict, dict]:
+def run_cases(
+    cases: dict[str, Callable[[], object]], repeats: int, log: Callable[[str], None] = print, device: torch.device | str | None = None
+) -> tuple[dict, dict]:
     """Warm up every case once (measuring its peak RSS growth), then run them round-robin `repeats` times.
 
     Round-robin rather than case after case: on a shared machine the load
@@ -92,11 +146,11 @@ def run_cases(cases: dict[str, Callable[[], object]], repeats: int, log: Callabl
     Each case times itself and returns what it measured.
 
     Returns:
-        (case -> list of its `repeats` results, case -> peak RSS growth in MiB).
+        (case -> list of its `repeats` results, case -> peak memory growth in MiB, see `peak_memory`).
     """
     memory = {}
     for name, fn in cases.items():
-        with PeakRSS() as mem:
+        with peak_memory(device) as mem:
             fn()
         memory[name] = mem.peak_mb
     results: dict[str, list] = {name: [] for name in cases}
@@ -120,16 +174,17 @@ def matmul_floor_s(model: BalconyModel, repeats: int = 5) -> float:
     linears.append(model.parts.lm_head)
     x = {}
     emb = model.parts.embed_tokens.weight
+    device = emb.device
     with torch.no_grad():
         for mod in linears:  # inputs of the right width, made outside the timed loop
             x.setdefault(mod.in_features, torch.randn(1, 1, mod.in_features, dtype=emb.dtype, device=emb.device))
         times = []
         for _ in range(repeats + 1):
-            t0 = time.perf_counter()
+            t0 = now(device)
             for mod in linears:
                 if type(mod) is torch.nn.Linear:
                     torch.nn.functional.linear(x[mod.in_features], mod.weight, mod.bias)
                 else:  # a quantized layer: its kernel and casts
                     mod(x[mod.in_features])
-            times.append(time.perf_counter() - t0)
+            times.append(now(device) - t0)
     return statistics.median(times[1:])

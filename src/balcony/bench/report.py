@@ -7,16 +7,19 @@ from pathlib import Path
 
 def format_table(result: dict) -> str:
     """The human-readable tables of a `run_bench` result."""
+    compiled = "compiled_decode_tok_s" in result["budgets"][0]
     lines = [
-        f"model {result['model']} ({result['dtype']}, {result['threads']} threads); prompt {result['prompt_tokens']} tokens, "
-        f"{result['max_new_tokens']} new tokens, median of {result['repeats']} runs",
+        f"model {result['model']} ({result['dtype']}, {result.get('device', 'cpu')}, {result['threads']} threads); "
+        f"prompt {result['prompt_tokens']} tokens, {result['max_new_tokens']} new tokens, median of {result['repeats']} runs",
         "",
-        f"{'budget':<7}{'layer':>6}{'decode tok/s':>14}{'prefill tok/s':>15}{'speed-up':>10}{'ideal':>8}{'efficiency':>12}{'KV MiB':>8}{'peak MiB':>10}",
+        f"{'budget':<7}{'layer':>6}{'decode tok/s':>14}{'prefill tok/s':>15}{'speed-up':>10}{'ideal':>8}{'efficiency':>12}{'KV MiB':>8}{'peak MiB':>10}"
+        + (f"{'compiled tok/s':>16}{'vs eager':>10}" if compiled else ""),
     ]
     for r in result["budgets"]:
         lines.append(
             f"{r['budget']:<7}{r['exit_layer']:>6}{r['decode_tok_s']:>14.1f}{r['prefill_tok_s']:>15.0f}{r['speedup']:>9.2f}x"
             f"{r['ideal_speedup']:>7.2f}x{r['efficiency']:>11.0%}{r['kv_cache_mb']:>8.2f}{r['peak_rss_mb']:>10.1f}"
+            + (f"{r['compiled_decode_tok_s']:>16.1f}{r['compiled_over_eager']:>9.2f}x" if compiled else "")
         )
     if result["hf"]:
         lines += ["", f"{'baseline (full model, greedy)':<36}{'decode tok/s':>14}{'peak MiB':>10}"]
@@ -53,11 +56,14 @@ def format_table(result: dict) -> str:
             f"quality: {q['greedy_match']:.0%} of {q['greedy_tokens']} greedy tokens identical to float "
             f"(first {q['greedy_identical_prefix']} in a row), mean KL(float || {q['mode']}) over the prompt {q['kl_float_quantized']:.4f} nats"
         )
-    for key, c in result.get("compiled", {}).items():
+    for key in ("engine_c", "engine_qc"):
+        c = result.get("compiled", {}).get(key)
+        if c is None:
+            continue
         label = "float" if key == "engine_c" else result["quantized"]["mode"]
         line = (
-            f"engine, {label}, torch.compile (inductor): {c['decode_tok_s']:.1f} tok/s, {c['over_eager']:.2f}x eager "
-            f"(first run, compiling: {c['first_run_s']:.0f} s)"
+            f"engine, {label}, full depth, torch.compile ({result.get('compile_backend', 'inductor')}): "
+            f"{c['decode_tok_s']:.1f} tok/s, {c['over_eager']:.2f}x eager (first run, compiling: {c['first_run_s']:.0f} s)"
         )
         if "over_hf_float" in c:
             line += f"; {c['over_hf_float']:.2f}x HF generate float"

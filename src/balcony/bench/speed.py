@@ -10,28 +10,33 @@ One run, warm-up excluded, measures for one model:
 * self-speculative decoding at each exit below the full model, beside HF's own
   self-speculative decoding (LayerSkip-style ``assistant_early_exit=j``, which
   drafts with the base's final norm + head at layer j, not a Balcony exit);
-* peak memory of each (`balcony.bench.measure.PeakRSS`), and the KV-cache bytes;
+* peak memory of each (`balcony.bench.measure.peak_memory`: RSS on the CPU,
+  the allocator's peak on CUDA), and the KV-cache bytes;
 * with ``quantize``: a weight-quantized copy decoding at full depth through the
-  engine and HF `generate`, and its quality against the float model.
+  engine and HF `generate`, and its quality against the float model;
+* with ``compile``: every budget again with its decode step through
+  `torch.compile` (CUDA graphs on CUDA), beside the eager rate.
 
 Timings are the median of `repeats` runs, taken round-robin over all cases. Every
 decode runs exactly `max_new_tokens` tokens (EOS ignored), greedy, so all rows do
-the same work; decode rates exclude prefill and the first token.
+the same work; decode rates exclude prefill and the first token. The model runs
+where it is (`model.to("cuda")` before the call: the prompts follow it), and every
+clock read waits for the device first (`balcony.bench.measure.now`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import statistics
-import time
 from typing import Callable
 
 import torch
 
+from ..inference.devices import execution_device
 from ..inference.options import DraftOptions
 from ..modeling.cost import ideal_speedup, kv_cache_bytes
 from ..modeling.model import BalconyModel
-from .measure import _wall, matmul_floor_s, run_cases
+from .measure import _wall, matmul_floor_s, memory_kind, now, run_cases
 
 PROMPT_TEXT = (
     "The history of astronomy is the story of people looking up at the night sky and trying to explain what they "
@@ -61,7 +66,7 @@ def run_bench(
     hf: bool = True,
     speculative: bool = True,
     quantize: str | None = None,
-    compile: bool = False,
+    compile: bool | str = False,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Measure everything `balcony bench` reports; returns a JSON-ready dict.
@@ -77,8 +82,8 @@ def run_bench(
         hf: Include HF `generate` baselines.
         speculative: Include self-speculative decoding.
         quantize: Also time (and score) a copy of the model quantized this way ("int8", "int4"; None: no).
-        compile: Also time full-depth decoding with the decode step through `torch.compile` (inductor),
-            float and quantized; the compile time (first run) is reported apart.
+        compile: Also time every budget (and the quantized copy at full depth) with the decode step through
+            `torch.compile` (True: inductor, or a backend name); the compile time (first run) is reported apart.
         log: Progress printer.
     """
     from transformers import GenerationConfig
@@ -101,21 +106,22 @@ def run_bench(
         quantize_model(qmodel, quantize)
     base = model.base
     n = model.num_layers
-    ids = make_prompt(tokenizer, prompt_tokens)
-    xb = make_prompt(tokenizer, prompt_tokens, batch_size)
+    device = execution_device(model)
+    ids = make_prompt(tokenizer, prompt_tokens).to(device)
+    xb = make_prompt(tokenizer, prompt_tokens, batch_size).to(device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     small = {name: j for name, j in model.budgets.items() if j < n}
 
     # Every case times itself. Decode rates exclude prefill and the first token, for every row alike:
     # the engine and speculative decoding are timed from their first streamed token; HF generate
     # (no stream) as t(max_new_tokens) - t(1 token).
-    def engine_run(exit: int, x: torch.Tensor, m: BalconyModel = model, compiled: bool = False) -> tuple[float, float]:
-        t0 = time.perf_counter()
+    def engine_run(exit: int, x: torch.Tensor, m: BalconyModel = model, compiled: bool | str = False) -> tuple[float, float]:
+        t0 = now(device)
         first = None
         for _ in generate_stream(m, x, exit=exit, max_new_tokens=max_new_tokens, compile=compiled):
             if first is None:
-                first = time.perf_counter()
-        return first - t0, time.perf_counter() - first
+                first = now(device)
+        return first - t0, now(device) - first
 
     def spec_run(j: int) -> tuple[float, SpeculativeStats]:
         stats = SpeculativeStats(j, draft.draft_length)
@@ -124,8 +130,8 @@ def run_bench(
             model, ids, exit=j, draft=draft, max_new_tokens=max_new_tokens, stats=stats,
         ):
             if first is None:
-                first = time.perf_counter()
-        return time.perf_counter() - first, stats
+                first = now(device)
+        return now(device) - first, stats
 
     def hf_run(x: torch.Tensor, new_tokens: int, hf_base: torch.nn.Module = base, **extra) -> Callable[[], float]:
         cfg = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=pad, **extra)
@@ -135,7 +141,7 @@ def run_bench(
             with torch.no_grad():
                 hf_base.generate(x, attention_mask=mask, generation_config=cfg)
 
-        return _wall(run)
+        return _wall(run, device)
 
     cases: dict[str, Callable[[], object]] = {}
     for name, j in model.budgets.items():
@@ -165,15 +171,17 @@ def run_bench(
         engine_run(n, ids, qmodel)
     compile_s = {}
     if compile:
-        for key, m in (("engine_c", model), ("engine_qc", qmodel)):
-            if m is not None:
-                t0 = time.perf_counter()
-                engine_run(n, ids, m, True)  # compiles (and recompiles once for the growing cache)
-                compile_s[key] = time.perf_counter() - t0
-                cases[key] = lambda m=m: engine_run(n, ids, m, True)
+        compiled_runs = [(f"engine_c:{j}", model, j) for j in model.budgets.values()]
+        compiled_runs += [("engine_qc", qmodel, n)] if qmodel is not None else []
+        for key, m, j in compiled_runs:
+            t0 = now(device)
+            engine_run(j, ids, m, compile)  # traces and compiles this budget's step (once: its shapes never change)
+            compile_s[key] = now(device) - t0
+            cases[key] = lambda m=m, j=j: engine_run(j, ids, m, compile)
+            log(f"[bench] compiled {key} in {compile_s[key]:.0f} s")
     floor = matmul_floor_s(model)
     log(f"[bench] weight matmuls alone (full depth): {1 / floor:.1f} tok/s; running {len(cases)} cases x {repeats} rounds")
-    runs, memory = run_cases(cases, repeats, log)
+    runs, memory = run_cases(cases, repeats, log, device)
     med = statistics.median
 
     result: dict = {
@@ -190,10 +198,8 @@ def run_bench(
         "budgets": [],
         "hf": {},
         "speculative": [],
-        "memory_note": (
-            "peak RSS growth (MiB) over the level before the run, during the untimed warm-up run, sampled every 1 ms "
-            "after returning freed heap memory to the OS (malloc_trim); weights are touched beforehand"
-        ),
+        "device": str(device),
+        "memory_note": memory_kind(device),
     }
     rows = result["budgets"]
     for name, j in model.budgets.items():
@@ -228,6 +234,7 @@ def run_bench(
         result["engine_over_hf_batch1"] = full_rate / result["hf"]["batch1"]["decode_tok_s"]
 
     if compile_s:
+        result["compile_backend"] = "inductor" if compile is True else str(compile)
         result["compiled"] = {
             key: {
                 "decode_tok_s": (max_new_tokens - 1) / med(x[1] for x in runs[key]),
@@ -236,7 +243,11 @@ def run_bench(
             }
             for key in compile_s
         }
-        result["compiled"]["engine_c"]["over_eager"] = result["compiled"]["engine_c"]["decode_tok_s"] / full_rate
+        for r in rows:  # every budget, compiled beside eager
+            c = result["compiled"][f"engine_c:{r['exit_layer']}"]
+            c["over_eager"] = c["decode_tok_s"] / r["decode_tok_s"]
+            r["compiled_decode_tok_s"], r["compiled_over_eager"] = c["decode_tok_s"], c["over_eager"]
+        result["compiled"]["engine_c"] = result["compiled"][f"engine_c:{n}"]  # full depth, under its old name
     if qmodel is not None:
         result["quantized"] = quantized_row(
             model, qmodel, quantize, ids, max_new_tokens, runs, memory, full_rate, result["hf"].get("batch1")

@@ -4,7 +4,7 @@ Command modules import the library lazily, inside the command, so `balcony --hel
 stays quick and an optional extra (the server, lm-eval) is needed only by its command.
 """
 
-from . import ablate, bench, demo, evaluate, generate, info, serve, train  # noqa: F401  (registers the commands)
+from . import ablate, bench, demo, evaluate, export_vllm, generate, info, serve, train  # noqa: F401  (registers the commands)
 from .main import build_parser, main
 from .registry import COMMANDS, command
 

@@ -10,9 +10,10 @@ import torch
 
 from ..bench.report import format_table, plot
 from ..bench.speed import run_bench
-from ..inference.options import DraftOptions
+from ..bench.token_exits import format_token_exit_bench, run_token_exit_bench
+from ..inference.options import DraftOptions, ExitPolicy
 from ..inference.quantize import parse_mode
-from .common import build_model
+from .common import build_model, parse_floats
 from .registry import command
 
 
@@ -36,6 +37,11 @@ def bench(
     speculative: bool = True,
     quantize: str | None = None,
     compile: bool = False,
+    thresholds: str | None = None,
+    confidence_vocab: int | None = None,
+    compile_backend: str = "inductor",
+    device: str | None = None,
+    dtype: str = "auto",
 ) -> int:
     """Benchmark decoding: tok/s per budget vs ideal, HF generate, self-speculative decoding, memory.
 
@@ -58,26 +64,39 @@ def bench(
         hf: Include HF generate baselines.
         speculative: Include self-speculative decoding.
         quantize: Also run a weight-quantized copy (int8, int4) at full depth, through the engine and HF generate, with its quality.
-        compile: Also time full-depth decoding through torch.compile (inductor; compiling takes a minute or more on CPU).
+        compile: Also time every budget with its decode step through torch.compile (inductor; CUDA graphs on CUDA; compiling takes a minute or more per budget on CPU).
+        thresholds: Also time token-level exits at these thresholds (comma-separated, e.g. 0.5,0.7,0.9) on chat prompts at batch 1 and --batch-size, beside every fixed budget, with agreement along the generated text.
+        confidence_vocab: Token-level exits score confidence over the first this many token ids only (e.g. 8192; default all).
+        compile_backend: The torch.compile backend of --compile (inductor; eager or aot_eager only trace, for quick checks).
+        device: cpu, cuda, cuda:1, mps (default: CUDA, then MPS, else the CPU).
+        dtype: Weights dtype: auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16.
     """
     from transformers.utils import logging as hf_logging
 
-
     hf_logging.set_verbosity_error()  # assisted generation warns about its own internal arguments
     if quantize:
-
         parse_mode(quantize)  # a bad mode fails before the model loads
+    taus = parse_floats(thresholds, "--thresholds") if thresholds else []
     if threads:
         torch.set_num_threads(threads)
-    m, tok, trained = build_model(model, exits, exit_layers, exit_kind)
+    m, tok, trained = build_model(model, exits, exit_layers, exit_kind, dtype=dtype, device=device)
     print(f"[bench] exits {'trained' if trained else 'UNTRAINED (initialised from the last layer): speculative acceptance is low'}", file=sys.stderr)
     result = run_bench(
         m, tok, max_new_tokens=max_new_tokens, prompt_tokens=prompt_tokens, repeats=repeats,
         draft=DraftOptions(draft_length, draft_threshold if draft_threshold and draft_threshold > 0 else None, draft_vocab or None, draft_width),
-        batch_size=batch_size, hf=hf, speculative=speculative, quantize=quantize, compile=compile, log=lambda s: print(s, file=sys.stderr),
+        batch_size=batch_size, hf=hf, speculative=speculative, quantize=quantize,
+        compile=(True if compile_backend == "inductor" else compile_backend) if compile else False, log=lambda s: print(s, file=sys.stderr),
     )
     result["exits_trained"] = trained
+    if taus:
+        result["token_exits"] = run_token_exit_bench(
+            m, tok, taus, batch_sizes=sorted({1, batch_size}), max_new_tokens=max_new_tokens, repeats=repeats,
+            policy=ExitPolicy(confidence_vocab=confidence_vocab), log=lambda s: print(s, file=sys.stderr),
+        )
     print(format_table(result))
+    if taus:
+        print("\ntoken-level exits (chat prompts, greedy, EOS ignored):")
+        print(format_token_exit_bench(result["token_exits"]))
     directory = Path(out)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "bench.json").write_text(json.dumps(result, indent=2))

@@ -12,6 +12,8 @@ from ..modeling.loading import (
     default_exit_layers,
     is_default,
     load_base,
+    pick_device,
+    pick_dtype,
 )
 from ..modeling.model import BalconyModel
 
@@ -21,14 +23,20 @@ def build_model(
     exits: str | None,
     exit_layers: list[int] | None = None,
     exit_kind: str = "decoder",
-    dtype: str = "float32",
+    dtype: str | None = "auto",
     device: str | None = None,
     quantize: str | None = None,
 ) -> tuple[BalconyModel, object, bool]:
-    """Base + exits for a command, weight-quantized if asked (`BalconyModel.quantize`); returns (model, tokenizer, trained?)."""
-    if quantize:
+    """Base + exits for a command, weight-quantized if asked (`BalconyModel.quantize`); returns (model, tokenizer, trained?).
 
+    Args:
+        dtype: Weights dtype; "auto" (or None): bfloat16 on CUDA, else float32 (`pick_dtype`).
+        device: Where the model runs; None / "auto": CUDA, then MPS, else the CPU (`pick_device`).
+    """
+    if quantize:
         parse_mode(quantize)  # a bad mode fails before the model loads
+    device = pick_device(device)
+    dtype = pick_dtype(dtype, device)
     base, tok = load_base(model, dtype=dtype, device=device)
     if exits:
         m, trained = BalconyModel.from_pretrained(base, exits), True
@@ -49,3 +57,18 @@ def encode_prompt(tok, prompt: str, chat: bool) -> torch.Tensor:
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
         return tok(text, return_tensors="pt", add_special_tokens=False).input_ids
     return tok(prompt, return_tensors="pt").input_ids
+
+
+def parse_floats(text: str, option: str) -> list[float]:
+    """``"0.5,0.7"`` -> [0.5, 0.7]; a clear error naming `option` and the bad item otherwise."""
+    out = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        try:
+            out.append(float(item))
+        except ValueError:
+            raise ValueError(f"{option} {text!r}: {item!r} is not a number; give comma-separated numbers, e.g. 0.5,0.7,0.9") from None
+    if not out:
+        raise ValueError(f"{option} {text!r} holds no number; give comma-separated numbers, e.g. 0.5,0.7,0.9")
+    return out

@@ -2,7 +2,8 @@
 
 1. train the exits with the quick recipe (generated corpus, cached frozen pass),
    printing per-exit KL / agreement with the full model before and after;
-2. answer one prompt at every budget with the trained exits, timing each;
+2. answer one prompt at every budget with the trained exits, timing each, and with token-level
+   exits at a threshold calibrated on the held-out text to match the largest exit's agreement;
 3. score every budget and plain early exit on the held-out text (and on tasks when
    their data is at hand), writing the table and plots next to the exits.
 """
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 from ..eval.run import run_evaluation
+from ..eval.thresholds import calibrate, token_scores
 from ..modeling.cost import ideal_speedup
 from ..modeling.loading import load_base
 from ..modeling.model import BalconyModel
@@ -27,20 +29,25 @@ from .registry import command
 DEMO_PROMPT = "Explain in two sentences why the sky is blue."
 
 
-def answer_at_every_budget(model, tok, prompt: str, max_new_tokens: int) -> list[dict]:
-    """Greedy answer per budget with decode speed and the speed-up over the full model."""
-
+def answer_at_every_budget(model, tok, prompt: str, max_new_tokens: int, threshold: float | None = None) -> list[dict]:
+    """Greedy answer per budget (and with token-level exits at `threshold`), with decode speed and speed-up over the full model."""
     ids = encode_prompt(tok, prompt, chat=True)
     model.generate(ids, exit=None, max_new_tokens=4)  # warm-up
     rows = []
-    for name, j in model.budgets.items():
+    runs = [(name, j) for name, j in model.budgets.items()] + ([("auto", "auto")] if threshold is not None else [])
+    for name, j in runs:
         t0 = time.perf_counter()
-        out = model.generate(ids, exit=j, max_new_tokens=max_new_tokens, eos_token_id=None)
+        if j == "auto":
+            out, stats = model.generate(ids, exit="auto", threshold=threshold, max_new_tokens=max_new_tokens, eos_token_id=None, return_stats=True)
+            layer, ideal = stats.mean_layers, None
+        else:
+            out = model.generate(ids, exit=j, max_new_tokens=max_new_tokens, eos_token_id=None)
+            layer, ideal = j, ideal_speedup(model, j)
         dt = time.perf_counter() - t0
         text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).replace("\n", " ")
-        rows.append({"budget": name, "layer": j, "tokens_per_s": max_new_tokens / dt,
-                     "ideal_speedup": ideal_speedup(model, j), "text": text})
-    full = rows[-1]["tokens_per_s"]
+        rows.append({"budget": name if j != "auto" else f"auto@{threshold:.2g}", "layer": layer, "tokens_per_s": max_new_tokens / dt,
+                     "ideal_speedup": ideal, "text": text})
+    full = next(r["tokens_per_s"] for r in rows if r["layer"] == model.num_layers and not str(r["budget"]).startswith("auto"))
     for r in rows:
         r["speedup"] = r["tokens_per_s"] / full
     return rows
@@ -91,18 +98,28 @@ def demo(
     print("\n== 2/3 answering at every budget with the trained exits", flush=True)
     base, tok = load_base(cfg.model)
     m = BalconyModel.from_pretrained(base, output_dir)
-    rows = answer_at_every_budget(m, tok, prompt, max_new_tokens)
+    _, held_out = load_training_data(cfg, tok, m)
+    texts = tok.batch_decode(held_out.input_ids, skip_special_tokens=True) if held_out is not None else None
+    calibrated = None
+    if texts:  # token-level exits: the fastest threshold that matches the largest exit's agreement on held-out text
+        scores = token_scores(m, tok, texts, seq_len=cfg.seq_len, max_tokens=cfg.eval_tokens)
+        largest = scores.checkpoints[-2]
+        calibrated = calibrate(scores, float(scores.agree[largest].mean()))
+    rows = answer_at_every_budget(m, tok, prompt, max_new_tokens, None if calibrated is None else calibrated.threshold)
     print(f"prompt: {prompt!r}")
-    print(f"{'budget':<7}{'layers':>7}{'tok/s':>8}{'speed-up':>10}{'ideal':>8}  output")
+    print(f"{'budget':<10}{'layers':>7}{'tok/s':>8}{'speed-up':>10}{'ideal':>8}  output")
     for r in rows:
-        print(f"{r['budget']:<7}{r['layer']:>7}{r['tokens_per_s']:>8.1f}{r['speedup']:>9.2f}x{r['ideal_speedup']:>7.2f}x  {r['text'][:70]}")
+        ideal = "" if r["ideal_speedup"] is None else f"{r['ideal_speedup']:.2f}x"
+        print(f"{r['budget']:<10}{r['layer']:>7.1f}{r['tokens_per_s']:>8.1f}{r['speedup']:>9.2f}x{ideal:>8}  {r['text'][:70]}")
+    if calibrated is not None:
+        name = next(n for n, j in m.budgets.items() if j == largest)
+        print(f"auto: token-level exits at threshold {calibrated.threshold:.3g}, calibrated on {scores.positions:,} held-out tokens "
+              f"to match {name}'s top-1 agreement ({100 * calibrated.agreement:.1f}% there; layers per token: the mean depth "
+              f"where each answer token was decided)")
     Path(output_dir, "demo_answers.json").write_text(json.dumps(rows, indent=2))
 
     if evaluate:
         print("\n== 3/3 evaluating every budget and plain early exit", flush=True)
-
-        _, held_out = load_training_data(cfg, tok, m)
-        texts = tok.batch_decode(held_out.input_ids, skip_special_tokens=True) if held_out is not None else None
         task_data = os.environ.get("BALCONY_TASK_DATA")
         tasks = None if task_data else ("piqa,arc_easy" if _hub_reachable() else None)
         if not task_data and tasks is None:

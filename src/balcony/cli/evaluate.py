@@ -5,7 +5,9 @@ from __future__ import annotations
 import sys
 
 from ..eval.run import run_evaluation
-from ..modeling.loading import pick_device
+from ..eval.thresholds import CurvePoint, format_curve
+from ..modeling.loading import pick_device, pick_dtype
+from .common import parse_floats
 from .registry import command
 
 
@@ -31,8 +33,11 @@ def evaluate_command(
     output: str = "outputs/eval",
     bench_json: str | None = None,
     plot: bool = True,
-    dtype: str = "float32",
+    dtype: str = "auto",
     device: str | None = None,
+    thresholds: str | None = None,
+    calibrate: str | None = None,
+    confidence_vocab: int | None = None,
 ) -> int:
     """Score every budget on tasks and a text set; print and write a Table-1 style table and plots.
 
@@ -64,9 +69,13 @@ def evaluate_command(
         output: Folder for the table, JSON/CSV/Markdown and plots.
         bench_json: `balcony bench` JSON with measured speed-ups ({"budgets": [{"budget": "S", "speedup": 1.9}, ...]}).
         plot: Write the PNG plots.
-        dtype: Weights dtype (float32, bfloat16, ...).
-        device: cpu or cuda (default: CUDA when available).
+        dtype: Weights dtype: auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16.
+        device: cpu, cuda, cuda:1, mps (default: CUDA, then MPS, else the CPU).
+        thresholds: Also score token-level exits on --text at these thresholds, comma-separated (e.g. 0.5,0.7,0.9): mean layers, speed-up, KL, agreement, beside the fixed budgets.
+        calibrate: Also choose the fastest threshold whose agreement on --text matches this budget (e.g. L) or this agreement fraction (e.g. 0.55).
+        confidence_vocab: Token-level exits score confidence over the first this many token ids only (e.g. 8192; default all).
     """
+    device = pick_device(device)
     report = run_evaluation(
         model=model,
         exits=exits,
@@ -88,11 +97,17 @@ def evaluate_command(
         output=output,
         bench_json=bench_json,
         plot=plot,
-        dtype=dtype,
-        device=pick_device(device),
+        dtype=pick_dtype(dtype, device),
+        device=device,
+        thresholds=parse_floats(thresholds, "--thresholds") if thresholds else None,
+        calibrate=calibrate,
+        confidence_vocab=confidence_vocab,
         log=lambda s: print(s, file=sys.stderr, flush=True),
     )
     print(report.to_text())
+    if report.meta.get("token_exits"):
+        print("\ntoken-level exits on --text (teacher forced; ideal speed-up from compute, measured from --bench-json):")
+        print(format_curve([CurvePoint(**p) for p in report.meta["token_exits"]]))
     if not report.meta.get("trained_exits"):
         print("(exits untrained: pass --exits DIR for trained ones)")
     files = report.meta.get("files", {})

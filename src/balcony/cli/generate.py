@@ -5,10 +5,16 @@ from __future__ import annotations
 import sys
 import time
 
-import torch
-
+from ..inference.devices import execution_device, make_generator
 from ..inference.engine import generate_stream
+from ..inference.options import ExitPolicy
 from ..inference.speculative import SpeculativeStats, speculative_stream
+from ..inference.token_exits import (
+    AUTO_EXIT,
+    TokenExitStats,
+    checkpoints,
+    token_exit_stream,
+)
 from .common import build_model, encode_prompt
 from .registry import command
 
@@ -34,12 +40,16 @@ def generate(
     stop: str | None = None,
     compile: bool = False,
     quantize: str | None = None,
+    threshold: float = 0.9,
+    confidence_vocab: int | None = None,
+    device: str | None = None,
+    dtype: str = "auto",
 ) -> int:
     """Generate text at one compute budget, streaming tokens as they come.
 
     Args:
         prompt: The text to answer or continue.
-        budget: A budget name (S, M, L, XL, ...) or an exit layer number; with --speculative, the draft budget.
+        budget: A budget name (S, M, L, XL, ...) or an exit layer number; auto: token-level exits (see --threshold); with --speculative, the draft budget.
         max_new_tokens: How many tokens to generate at most.
         model: Base model: hub id or local path (default: the embedded SmolLM2-135M-Instruct).
         exits: Directory (or hub id) of trained exits; without it, fresh untrained exits are attached.
@@ -57,18 +67,29 @@ def generate(
         stop: Stop once the output contains this string.
         compile: Compile the decode step with torch.compile (slow start; plain decoding only).
         quantize: Weight-only quantization: int8 (per channel) or int4 (groups of 32; int4-64, int4-128).
+        threshold: With --budget auto: a token leaves at the first exit whose top-1 probability is above this (0: always the first exit, 1: never early).
+        confidence_vocab: With --budget auto: score confidence over the first this many token ids only (a cheaper check; e.g. 8192).
+        device: cpu, cuda, cuda:1, mps (default: CUDA, then MPS, else the CPU).
+        dtype: Weights dtype: auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16.
     """
-
-    m, tok, trained = build_model(model, exits, quantize=quantize)
-    j = m.resolve_exit(budget)
-    ids = encode_prompt(tok, prompt, chat)
-    gen = torch.Generator().manual_seed(seed)
+    m, tok, trained = build_model(model, exits, quantize=quantize, device=device, dtype=dtype)
+    auto = budget.strip().lower() == AUTO_EXIT
+    if auto and speculative:
+        raise ValueError("--budget auto (token-level exits) and --speculative are two decoding modes: pick one")
+    j = m.num_layers if auto else m.resolve_exit(budget)
+    where = execution_device(m)
+    ids = encode_prompt(tok, prompt, chat).to(where)
+    gen = make_generator(seed, where)  # on the model's device: a generator draws only for tensors of its own
     common = dict(
         max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p,
         eos_token_id=tok.eos_token_id, generator=gen, stop_strings=[stop] if stop else None, tokenizer=tok,
     )
-    stats = None
-    if speculative:
+    stats = token_stats = None
+    if auto:
+        policy = ExitPolicy(threshold=threshold, confidence_vocab=confidence_vocab)
+        token_stats = TokenExitStats(checkpoints(m, policy))
+        stream = token_exit_stream(m, ids, policy=policy, stats=token_stats, **common)
+    elif speculative:
         stats = SpeculativeStats(j, draft_length)
         stream = speculative_stream(
             m, ids, exit=j, draft_length=draft_length, draft_threshold=draft_threshold, draft_vocab=draft_vocab,
@@ -95,7 +116,11 @@ def generate(
     decode_s = t1 - (first or t1)
     rate = (len(out) - 1) / decode_s if len(out) > 1 and decode_s > 0 else float("nan")
     note = "" if trained or j == m.num_layers else " (exits untrained: pass --exits DIR for trained ones)"
-    if stats is not None:
+    if token_stats is not None:
+        shares = ", ".join(f"{next((n for n, l in m.budgets.items() if l == k), k)} {token_stats.fraction(k):.0%}" for k in token_stats.checkpoints)
+        head = f"token-level exits at threshold {threshold:g}: {token_stats.mean_layers:.1f} layers per token on average ({shares})"
+        note = "" if trained else " (exits untrained: pass --exits DIR for trained ones)"
+    elif stats is not None:
         head = (
             f"speculative: draft budget {name} (layers 1-{j} + exit), verify layers {j + 1}-{m.num_layers}; "
             f"acceptance {stats.acceptance_rate:.0%}, {stats.mean_accepted_length:.2f} tokens per verify pass, "

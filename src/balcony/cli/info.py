@@ -15,7 +15,7 @@ def info(model: str | None = None, exits: str | None = None) -> int:
         model: Base model: hub id or local path (default: the embedded SmolLM2-135M-Instruct).
         exits: Directory (or hub id) of trained exits; without it, fresh untrained exits are shown.
     """
-    m, tok, trained = build_model(model, exits)
+    m, tok, trained = build_model(model, exits, device="cpu", dtype="float32")  # counts only: no accelerator needed
     cfg = m.config
     print(f"base model:   {cfg.base_model_name_or_path} (revision {cfg.base_model_revision}), {cfg.model_type}, {m.num_layers} layers")
     print(f"exits:        {', '.join(map(str, cfg.exit_layers))} ({cfg.exit_kind}, init {cfg.init}; {'trained, from ' + exits if trained else 'untrained'})")

@@ -231,3 +231,40 @@ def plot_report(report: "EvalReport", output_dir: str | os.PathLike, *, bench: S
         plt.close(fig)
         paths[f"plot_{kind}"] = path
     return paths
+
+
+def plot_token_exits(points: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
+    """Top-1 agreement against speed-up: the token-level threshold curve, fixed budgets and early exit as points.
+
+    The x axis is the measured decode speed-up where a `balcony bench --thresholds` JSON supplied one
+    for every point, else the ideal speed-up from compute (the axis label says which).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = all(p.get("measured_speedup") is not None for p in points if not str(p["label"]).startswith("early-exit"))
+    x_of = (lambda p: p.get("measured_speedup")) if measured else (lambda p: p["ideal_speedup"])
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    curve = sorted((p for p in points if p.get("threshold") is not None), key=lambda p: p["threshold"])
+    if curve:
+        ax.plot([x_of(p) for p in curve], [100 * p["agreement"] for p in curve], "o-", color="tab:blue", label="token-level exits")
+        for p in curve:
+            ax.annotate(f"{p['threshold']:.2g}", (x_of(p), 100 * p["agreement"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    fixed = [p for p in points if p.get("threshold") is None and not str(p["label"]).startswith("early-exit")]
+    if fixed:
+        ax.plot([x_of(p) for p in fixed], [100 * p["agreement"] for p in fixed], "s--", color="tab:orange", label="fixed budgets")
+        for p in fixed:
+            ax.annotate(str(p["label"]), (x_of(p), 100 * p["agreement"]), textcoords="offset points", xytext=(4, -10), fontsize=8)
+    early = [p for p in points if str(p["label"]).startswith("early-exit") and p.get("ideal_speedup") == p.get("ideal_speedup")]
+    if early and not measured:
+        ax.plot([p["ideal_speedup"] for p in early], [100 * p["agreement"] for p in early], "^:", color="tab:gray", label="plain early exit")
+    ax.set_xlabel("measured decode speed-up over the full model (x)" if measured else "ideal speed-up from compute (x)")
+    ax.set_ylabel("top-1 agreement with the full model (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -9,9 +10,12 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from ..inference.options import ExitPolicy
 from .harness import ENGINES, evaluate_tasks, resolve_tasks
 from .report import RESULT_FILES, EvalReport, make_report
 from .texts import distillation_metrics, load_texts
+from .thresholds import calibrate as calibrate_threshold
+from .thresholds import curve, token_scores
 from .variants import BALCONY, EARLY_EXIT, FULL, build_variants, load_balcony
 
 
@@ -65,6 +69,32 @@ def _plan_tasks(tasks: str | Sequence[str] | None, task_data: Mapping[str, Path]
     return list(dict.fromkeys(out))
 
 
+def _target_agreement(spec: str, scores, model) -> float:
+    """`--calibrate L` (a budget: its agreement on the text) or `--calibrate 0.55` (an agreement) -> a fraction."""
+    try:
+        value = float(spec)
+    except ValueError:
+        layer = model.resolve_exit(spec)
+        if layer not in scores.agree:
+            raise ValueError(f"--calibrate {spec!r}: budget {spec} is not one of the exits token-level exits use "
+                             f"({scores.checkpoints})") from None
+        return float(scores.agree[layer].mean())
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"--calibrate {spec!r}: an agreement target must be a fraction in [0, 1], or a budget name such as L")
+    return value
+
+
+def _measured_token_speedups(path) -> dict[str, float]:
+    """label -> measured batch-1 decode speed-up, from a `balcony bench --thresholds` JSON (empty if it has none)."""
+    data = json.loads(Path(path).read_text())
+    rows = (data.get("token_exits") or {}).get("batch1") or {}
+    out = {k: float(r["speedup"]) for k, r in rows.items()}
+    full = next((k for k in rows if rows[k].get("speedup") == 1.0 and not k.startswith("auto@")), None)
+    if full is not None:
+        out["full"] = out.pop(full)
+    return out
+
+
 def run_evaluation(
     *,
     model: str | None = None,
@@ -91,9 +121,18 @@ def run_evaluation(
     plot: bool = True,
     dtype: str = "float32",
     device: str | None = None,
+    thresholds: Sequence[float] | None = None,
+    calibrate: str | None = None,
+    confidence_vocab: int | None = None,
     log: Callable[[str], None] | None = print,
 ) -> EvalReport:
     """Score every budget (and the baselines) on tasks and a text set; write the table and plots.
+
+    With `thresholds` (and/or `calibrate`: a budget name whose agreement to match, or an agreement
+    fraction), token-level exits are scored on the text set too (`balcony.eval.thresholds`): each
+    threshold's mean layers, ideal speed-up, KL and agreement, beside the fixed budgets and early exit,
+    in ``report.meta["token_exits"]`` and token_exits.png; measured speed-ups come from a bench JSON
+    written by ``balcony bench --thresholds``.
 
     Inputs are all checked (task names, data files, baselines, bench JSON, text)
     before the model is loaded. See `evaluate_command` for the arguments; `method`
@@ -134,6 +173,13 @@ def run_evaluation(
 
         bench = read_bench(bench_json)
     passages = load_texts(text) if text else None
+    thresholds = [float(t) for t in thresholds or []]
+    bad = [t for t in thresholds if not 0.0 <= t <= 1.0]
+    if bad:
+        raise ValueError(f"thresholds {bad} are outside [0, 1]")
+    if (thresholds or calibrate) and not passages:
+        raise ValueError("--thresholds / --calibrate score token-level exits on a text set: give --text")
+    policy = ExitPolicy(confidence_vocab=confidence_vocab)  # validated before the model loads
 
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
@@ -176,6 +222,22 @@ def run_evaluation(
                                        per_window=True)
         meta["distill_seconds"] = time.perf_counter() - t1
         meta["distill_tokens"] = distill[FULL]["tokens"]
+    if thresholds or calibrate:
+        t1 = time.perf_counter()
+        scores = token_scores(m, tok, passages, policy=policy, seq_len=seq_len, max_tokens=text_tokens, batch_size=batch_size)
+        points = curve(scores, thresholds, model=m)
+        if calibrate:
+            target = _target_agreement(calibrate, scores, m)
+            best = calibrate_threshold(scores, target)
+            best.label = f"auto@{best.threshold:.4g} (calibrated)"
+            points.insert(len(thresholds), best)
+            meta["calibrated"] = {"target": calibrate, "target_agreement": target, **best.to_dict()}
+        measured = _measured_token_speedups(bench_json) if bench_json else {}
+        for p in points:
+            key = p.label.split(" ")[0] if p.threshold is not None else p.label
+            p.measured_speedup = measured.get(key)
+        meta["token_exits"] = [p.to_dict() for p in points]
+        meta["token_exit_seconds"] = time.perf_counter() - t1
     report = make_report(variants, task_results, distill, bench=bench, metric=metric, meta=meta, paired_against=paired_against)
     if out_dir:
         plots = {}
@@ -183,6 +245,10 @@ def run_evaluation(
             from .plots import plot_report
 
             plots = plot_report(report, out_dir, bench=bench)
+            if report.meta.get("token_exits"):
+                from .plots import plot_token_exits
+
+                plots["plot_token_exits"] = plot_token_exits(report.meta["token_exits"], out_dir / "token_exits.png")
         report.meta["files"] = {**{k: str(out_dir / name) for k, name in RESULT_FILES.items()}, **{k: str(p) for k, p in plots.items()}}
         report.write(out_dir)
     if tmp:

@@ -28,14 +28,16 @@ FAST_MAX_TOKENS = 16
 
 
 def _fast_ok(layer: torch.nn.Module | None) -> bool:
-    """Whether `_decode_layer` reproduces this layer's forward (known classes, no dropout, no hooks)."""
+    """Whether `_decode_layer` reproduces this layer's forward (known classes, no dropout, no hooks of any kind)."""
     if layer is None or type(layer).__name__ not in _FAST_CLASSES["layer"]:
         return False
     parts = {"attn": getattr(layer, "self_attn", None), "mlp": getattr(layer, "mlp", None)}
     if layer.training and getattr(parts["attn"], "attention_dropout", 0.0):  # (exits are built in train mode)
         return False
     norms = (getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None))
-    hooked = any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules())
+    # Hooks change what a module computes; accelerate's (`_hf_hook`: device_map / offload) also move inputs and
+    # load offloaded weights in the module call, which reading `.weight` directly would skip.
+    hooked = any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in layer.modules())
     return (
         not hooked
         and all(type(m).__name__ in _FAST_CLASSES[k] for k, m in parts.items())

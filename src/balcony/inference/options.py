@@ -1,4 +1,4 @@
-"""`DecodeOptions` and `DraftOptions`: how to decode and how to draft, each named once.
+"""`DecodeOptions`, `DraftOptions` and `ExitPolicy`: how to decode, how to draft, where tokens exit, each named once.
 
 Every decoding entry point (`engine.generate`, `engine.generate_stream`,
 `speculative.speculative_generate`, `speculative.speculative_stream` and
@@ -39,6 +39,9 @@ class DecodeOptions:
         tokenizer: Decodes the output for `stop_strings`.
         generator: Seeded `torch.Generator` for reproducible sampling (on the model's device).
         compile: Run the decode step through `torch.compile` (True, or a backend name).
+        prefill_chunk: Run the prompt through the model this many positions at a time (None: in one
+            pass). Chunks give the same tokens; between them `generate_stream`'s `cancel` is checked,
+            and the attention scores of a long prompt stay (B, heads, chunk, T) instead of (B, heads, T, T).
 
     Example:
         >>> DecodeOptions(max_new_tokens=16, do_sample=True, top_p=0.9).sampling.top_p
@@ -56,9 +59,12 @@ class DecodeOptions:
     tokenizer: Any = None
     generator: torch.Generator | None = None
     compile: bool | str = False
+    prefill_chunk: int | None = None
 
     def __post_init__(self) -> None:
         _positive_int("max_new_tokens", self.max_new_tokens, "tokens to add")
+        if self.prefill_chunk is not None:
+            _positive_int("prefill_chunk", self.prefill_chunk, "prompt positions per prefill pass; None: one pass")
         self.sampling  # validates temperature, top_k, top_p
 
     @property
@@ -120,8 +126,53 @@ class DraftOptions:
             )
 
 
+@dataclass(frozen=True)
+class ExitPolicy:
+    """Token-level exits (``exit="auto"``): each token leaves at the first exit confident enough.
+
+    The confidence of an exit is the top-1 probability of its next-token distribution, scored over the
+    first `confidence_vocab` token ids when set (a head that many times cheaper to check; BPE
+    vocabularies list frequent tokens first). A token leaves at exit j when that confidence is strictly
+    above `threshold`, so 0 always leaves at the first exit (budget S's output) and 1 never leaves early
+    (the full model's output).
+
+    Args:
+        threshold: In [0, 1].
+        exits: The exits that may stop a token (names or layers; default every exit below the full model).
+        confidence_vocab: Score confidence over the first this many ids (None: the whole vocabulary).
+
+    Example:
+        >>> ExitPolicy(threshold=0.7, confidence_vocab=8192).threshold
+        0.7
+    """
+
+    threshold: float = 0.9
+    exits: tuple[int | str, ...] | None = None
+    confidence_vocab: int | None = None
+
+    def __post_init__(self) -> None:
+        t = self.threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= float(t) <= 1.0:
+            raise ValueError(f"threshold={t!r} must be a number in [0, 1] (0: leave at the first exit, 1: never leave early)")
+        if self.confidence_vocab is not None:
+            _positive_int("confidence_vocab", self.confidence_vocab, "score confidence over the first token ids; None: all")
+        if self.exits is not None:
+            object.__setattr__(self, "exits", tuple(self.exits))
+            if not self.exits:
+                raise ValueError("exits=() leaves no exit to stop at: give at least one exit, or None for all")
+
+
 DECODE_FIELDS = frozenset(f.name for f in dataclasses.fields(DecodeOptions))
 DRAFT_FIELDS = frozenset(f.name for f in dataclasses.fields(DraftOptions))
+POLICY_FIELDS = frozenset(f.name for f in dataclasses.fields(ExitPolicy))
+
+
+def resolve_policy(policy: ExitPolicy | None, kwargs: dict[str, Any]) -> tuple[ExitPolicy, dict[str, Any]]:
+    """Take the `ExitPolicy` fields out of `kwargs` and merge them into `policy`; returns (policy, the rest)."""
+    mine = {k: kwargs[k] for k in POLICY_FIELDS if k in kwargs}
+    rest = {k: v for k, v in kwargs.items() if k not in POLICY_FIELDS}
+    policy = dataclasses.replace(policy or ExitPolicy(), **mine) if mine else (policy or ExitPolicy())
+    return policy, rest
 
 
 def resolve_options(
@@ -140,6 +191,8 @@ def resolve_options(
     unknown = sorted(set(kwargs) - known)
     if unknown:
         hint = "" if drafting or not set(unknown) & DRAFT_FIELDS else " (draft options need speculative decoding)"
+        if set(unknown) & POLICY_FIELDS:
+            hint += " (threshold, exits and confidence_vocab need token-level exits: exit='auto')"
         raise TypeError(f"unexpected decoding option(s) {unknown}{hint}; accepted: {', '.join(sorted(known))}")
     dec = {k: v for k, v in kwargs.items() if k in DECODE_FIELDS}
     options = (options or DecodeOptions()).replace(**dec) if dec else (options or DecodeOptions())

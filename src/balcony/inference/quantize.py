@@ -2,15 +2,26 @@
 
 At batch 1 a decode step streams every weight from memory once, so its speed
 is set by the bytes of the weights, not by the arithmetic. Storing the weights
-of every linear layer in int8 (or int4) and multiplying with PyTorch's packed
-weight-only kernels (`torch._weight_int8pack_mm`, `torch._weight_int4pack_mm_for_cpu`)
-cuts those bytes 4x (8x); the activations stay in floating point.
+of every linear layer in int8 (or int4) cuts those bytes 4x (8x); the
+activations stay in floating point. How the product is computed depends on the
+device the input is on:
 
-* `Int8Linear`: symmetric per-output-channel int8 weights, ``w ~= q * scale``;
-  the input is cast to bfloat16 for the kernel (it takes bfloat16 activations
-  and scales) and the result back to the input's dtype.
+* on the CPU, PyTorch's packed weight-only kernels (`torch._weight_int8pack_mm`,
+  `torch._weight_int4pack_mm_for_cpu`), which take bfloat16 activations and
+  scales (the input is cast for them and the result cast back);
+* anywhere else (CUDA, MPS, ...), the weights are dequantised in the graph and
+  multiplied with `F.linear` in the input's dtype, as gpt-fast does: under
+  `torch.compile` (``compile=True``) inductor fuses the dequantisation into the
+  matmul, so only the int8 / int4 bytes are read. Without compile each call
+  materialises the float weight (correct, and slower than the float model).
+
+* `Int8Linear`: symmetric per-output-channel int8 weights, ``w ~= q * scale``,
+  the same layout on every device.
 * `Int4Linear`: asymmetric int4 weights in groups of `group_size` input
-  channels, ``w ~= (q - 8) * scale + zero`` (gpt-fast's layout), same casts.
+  channels, ``w ~= (q - 8) * scale + zero`` (gpt-fast's layout). Made on the CPU it
+  is packed for the CPU kernel (a layout only that kernel reads: move the float
+  model first, then quantize); made on another device it keeps two 4-bit values
+  per byte, which any device dequantises.
 * `quantize_model` swaps the linear layers of the base's decoder layers, the
   exits' layers and the LM head in place (the head is int8 in every mode:
   quantized to int4 it was by far the largest error). A tied LM head is untied: the
@@ -29,6 +40,8 @@ import re
 
 import torch
 from torch import nn
+
+from .devices import is_dispatched
 
 QUANTIZE_MODES = ("int8", "int4")
 DEFAULT_INT4_GROUP = 32
@@ -55,6 +68,20 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
 
+def uses_cpu_kernel(x: torch.Tensor) -> bool:
+    """Whether a quantized layer multiplies `x` with the CPU's packed kernels (else: dequantise in the graph)."""
+    return x.device.type == "cpu"
+
+
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(..., K) @ int8 (N, K) weight with (N,) scales -> (..., N), in x's dtype, on x's device."""
+    if uses_cpu_kernel(x):
+        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), weight, scales)
+        return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
+    # gpt-fast's weight-only int8: the int8 -> float cast sits in the graph, so inductor fuses it into the matmul.
+    return nn.functional.linear(x, weight.to(x.dtype)) * scales.to(x.dtype)
+
+
 class Int8Linear(nn.Module):
     """A weight-only int8 `nn.Linear`: (N, K) int8 weights and (N,) bfloat16 scales.
 
@@ -79,49 +106,83 @@ class Int8Linear(nn.Module):
         return self.weight.float() * self.scales.float()[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight, self.scales)
-        y = y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        y = int8_matmul(x, self.weight, self.scales)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+INT4_LAYOUTS = ("cpu", "nibbles")
+
+
 class Int4Linear(nn.Module):
-    """A weight-only int4 `nn.Linear` with per-group (scale, zero) in bfloat16, packed for the CPU kernel.
+    """A weight-only int4 `nn.Linear` with per-group (scale, zero) in bfloat16.
 
     Args:
         linear: The float layer to quantize; `in_features` must be a multiple of `group_size`.
         group_size: Input channels sharing one (scale, zero).
+        layout: "cpu" (packed for `torch._weight_int4pack_mm_for_cpu`; needs `out_features` % 16 == 0
+            and the CPU) or "nibbles" (two values per byte, dequantised in the graph on any device).
+            Default: "cpu" for a layer on the CPU, else "nibbles".
     """
 
-    def __init__(self, linear: nn.Linear, group_size: int = DEFAULT_INT4_GROUP):
+    def __init__(self, linear: nn.Linear, group_size: int = DEFAULT_INT4_GROUP, layout: str | None = None):
         super().__init__()
         n, k = linear.out_features, linear.in_features
         if k % group_size:
             raise ValueError(f"int4 group size {group_size} does not divide in_features={k}")
-        self.in_features, self.out_features, self.group_size = k, n, group_size
+        device = linear.weight.device
+        layout = layout or ("cpu" if device.type == "cpu" else "nibbles")
+        if layout not in INT4_LAYOUTS:
+            raise ValueError(f"int4 layout {layout!r} is not one of {INT4_LAYOUTS}")
+        if layout == "cpu" and (device.type != "cpu" or n % 16):
+            raise ValueError(f"the CPU int4 kernel needs a CPU layer with out_features % 16 == 0, not {n} on {device}")
+        self.in_features, self.out_features, self.group_size, self.layout = k, n, group_size, layout
         w = linear.weight.detach().float().reshape(n, k // group_size, group_size)
         lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
         scale = ((hi - lo) / 15).clamp(min=1e-6).to(torch.bfloat16).float()  # the kernel reads bfloat16
         zero = (lo + 8 * scale).to(torch.bfloat16).float()  # dequantized: (q - 8) * scale + zero, q in 0..15
         q = torch.round((w - zero) / scale + 8).clamp(0, 15).to(torch.int32).reshape(n, k)
-        self.weight = _frozen(torch._convert_weight_to_int4pack_for_cpu(q.to(linear.weight.device), 1))
+        if layout == "cpu":
+            packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+        else:  # (N, K / 2) bytes: input channel 2i in the low nibble, 2i + 1 in the high one
+            packed = (q[:, ::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+        self.weight = _frozen(packed)
         sz = torch.stack([scale.reshape(n, -1), zero.reshape(n, -1)], -1).transpose(0, 1).contiguous()  # (K/g, N, 2)
         self.register_buffer("scales_and_zeros", sz.to(torch.bfloat16))
         self.bias = None if linear.bias is None else _frozen(linear.bias.detach().clone())
 
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (N, K) weight of the "nibbles" layout, (q - 8) * scale + zero per group computed in float32, in `dtype`."""
+        if self.layout != "nibbles":
+            raise ValueError("dequantize() reads the 'nibbles' layout; the CPU layout is read by its kernel only")
+        n, k, g = self.out_features, self.in_features, self.group_size
+        q = torch.stack([self.weight & 15, self.weight >> 4], -1).reshape(n, k // g, g)  # (N, K/g, g) in 0..15
+        scale, zero = self.scales_and_zeros.transpose(0, 1).float().unbind(-1)  # (N, K/g) each
+        return ((q.float() - 8) * scale[..., None] + zero[..., None]).reshape(n, k).to(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch._weight_int4pack_mm_for_cpu(
-            x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight, self.group_size, self.scales_and_zeros
-        )
-        y = y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        if self.layout == "cpu":
+            if not uses_cpu_kernel(x):
+                raise ValueError(
+                    f"this int4 layer is packed for the CPU kernel but runs on {x.device}: quantize the model after "
+                    f"moving it (model.to({str(x.device)!r}) first, then .quantize('int4'))"
+                )
+            y = torch._weight_int4pack_mm_for_cpu(
+                x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight, self.group_size, self.scales_and_zeros
+            )
+            y = y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        else:  # dequantised in the graph: inductor fuses it into the matmul under compile
+            y = nn.functional.linear(x, self.dequantize(x.dtype))
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, bias={self.bias is not None}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+            f"layout={self.layout}, bias={self.bias is not None}"
+        )
 
 
 QUANTIZED = (Int8Linear, Int4Linear)
@@ -136,6 +197,8 @@ def head_rows(head: nn.Module, rows: int):
     """
     if rows >= head.out_features:
         return head
+    if hasattr(head, "_hf_hook"):  # accelerate moves (or loads) the weight in the module call: run it whole
+        return lambda x: head(x)[..., :rows]
     if type(head) is nn.Linear:
         w, b = head.weight[:rows], None if head.bias is None else head.bias[:rows]
         return lambda x: nn.functional.linear(x, w, b)
@@ -143,8 +206,7 @@ def head_rows(head: nn.Module, rows: int):
         w, s, b = head.weight[:rows], head.scales[:rows], None if head.bias is None else head.bias[:rows]
 
         def int8_rows(x: torch.Tensor) -> torch.Tensor:
-            y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), w, s)
-            y = y.reshape(*x.shape[:-1], rows).to(x.dtype)
+            y = int8_matmul(x, w, s)
             return y if b is None else y + b
 
         return int8_rows
@@ -154,12 +216,12 @@ def head_rows(head: nn.Module, rows: int):
 def quantize_linear(linear: nn.Linear, mode: str = "int8") -> nn.Module:
     """One float `nn.Linear` -> its quantized replacement.
 
-    int4 falls back to int8 where the CPU kernel cannot take the shape (the group must divide
-    in_features, out_features must be a multiple of 16) or off the CPU.
+    int4 falls back to int8 where the group does not divide in_features, and on the CPU where
+    the kernel cannot take the shape (out_features not a multiple of 16).
     """
     kind, group = parse_mode(mode)
     fits = linear.in_features % group == 0 if group else False
-    if kind == "int4" and fits and linear.out_features % 16 == 0 and linear.weight.device.type == "cpu":
+    if kind == "int4" and fits and (linear.out_features % 16 == 0 or linear.weight.device.type != "cpu"):
         return Int4Linear(linear, group)
     return Int8Linear(linear)
 
@@ -187,6 +249,11 @@ def quantize_model(model, mode: str = "int8") -> int:
         ValueError: an unknown mode (the message names it), or a model already quantized.
     """
     parse_mode(mode)
+    if is_dispatched(model.base):
+        raise ValueError(
+            "quantize needs the base's weights in memory on one device; this base was loaded with a device_map or "
+            "offload (accelerate hooks, weights on 'meta' until used): load it with device=... and quantize that"
+        )
     if is_quantized(model):
         raise ValueError(f"this model is already quantized ({quantization_of(model)}); quantize a float model")
     parts = model.parts

@@ -28,6 +28,14 @@ With greedy decoding the output equals full-depth greedy decoding; with
 sampling its distribution is the full model's (Leviathan et al., 2023).
 Batches are decoded one sequence at a time.
 
+Host syncs: a round waits for the device once, to learn how many drafts were
+accepted (that number decides what is emitted and where the next round
+writes); the emitted ids come back in the same pause, and EOS / stop strings
+are checked on them on the host. Drafting with `draft_threshold` waits once
+more per drafted token (whether to draft another depends on the exit's
+confidence), and a `draft_width` round once more before verifying (whether
+to verify the candidates at all). Nothing else in a round reads the device.
+
 What a round costs at batch 1, where a pass over a layer costs about the same
 for 1 to 3 positions (its weights are read once): in units of one decoder
 layer, full-depth decoding costs N + H per token (H: the LM head, 8 layers'
@@ -55,6 +63,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 
 from .cache import budget_slots
+from .devices import check_generator, execution_device
 from .engine import run_exit, run_layers
 from .options import DecodeOptions, DraftOptions, resolve_options
 from .quantize import head_rows
@@ -135,12 +144,12 @@ def accept_drafts(
     r = torch.rand(k, generator=generator, device=p.device)
     # Accept with probability min(1, p/q), written without a division (q(d) > 0: d was drawn from q).
     ok = r * q_d < p_d
-    a = int(ok.long().cumprod(0).sum())  # one host sync per round
+    a = int(ok.long().cumprod(0).sum())  # the round's one host sync
     if a == k:
         return a, sample_from_probs(p[k : k + 1], generator)
     residual = (p[a] - q[a]).clamp(min=0)
-    if not bool(residual.sum() > 0):  # p == q at this position: rejection had probability 0
-        residual = p[a]
+    # p == q at this position (rejection had probability 0): draw from p; chosen on the device, no second sync.
+    residual = torch.where(residual.sum() > 0, residual, p[a])
     return a, sample_from_probs(residual[None], generator)
 
 
@@ -210,19 +219,30 @@ def speculative_stream(
     # One cache for both: layers 1..N (shared by drafter and verifier), the draft exit's slot, and the
     # full budget's own exit slot if the model has an exit at layer N.
     slots = sorted(set(budget_slots(model, n_layers)) | set(budget_slots(model, j)))
+    check_generator(generator, execution_device(model))
     state = new_state(model, slots, 1, t + max_new_tokens + max(draft_length, draft_width) + 1, attention_mask)
-    stopper = StopChecker(1, opts.eos_token_id, opts.stop_strings, opts.tokenizer, opts.pad_token_id, input_ids.device)
+    eos = set(opts.eos_ids)
+    # Stop strings are matched on host ids, so their checker lives on the CPU: no device sync per token.
+    strings = StopChecker(1, None, opts.stop_strings, opts.tokenizer, None, torch.device("cpu")) if opts.stop_strings else None
 
-    def emit(token: torch.Tensor) -> bool:
-        """Count and check one emitted (1,) token; True when generation is over."""
-        stats.generated += 1
-        stopper(token)
-        return stopper.all_done() or stats.generated >= max_new_tokens
+    def emit(tokens: list[torch.Tensor]) -> tuple[int, bool]:
+        """(how many of a round's (1,) tokens to yield, whether generation ends with them).
+
+        Their ids come back in one copy: the round already waited for the device to count its accepted drafts.
+        """
+        ids = torch.cat(tokens).tolist()
+        for i, tid in enumerate(ids):
+            stats.generated += 1
+            if strings is not None:
+                strings(torch.tensor([tid]))
+            if tid in eos or (strings is not None and strings.all_done()) or stats.generated >= max_new_tokens:
+                return i + 1, True
+        return len(ids), False
 
     with torch.no_grad():
         # Prefill: layers 1..j, the exit (only to fill its cache), then layers j+1..N for the first token.
         hidden = parts.embed_tokens(input_ids)
-        position_ids = None if state.pad is None else (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        position_ids = None if state.pad is None else (attention_mask.to(state.arange.device).long().cumsum(-1) - 1).clamp(min=0)
         span = make_span(model, state, 0, t, hidden, position_ids)
         hidden = run_layers(model, state, span, hidden, 0, j)
         run_exit(model, state, span, hidden, j)
@@ -231,18 +251,19 @@ def speculative_stream(
         pending = sample(logits, cfg, generator)  # (1,): chosen by the full model, not yet run through any layer
         n = t  # committed positions: [0, n) hold valid K/V in every slot (the exit's may lag, see `lag`)
         lag = None  # (1, m, H) hidden states at layer j whose exit K/V are still to be written
+        _, done = emit([pending])
         yield pending
-        if emit(pending):
+        if done:
             return
         no_drafts = torch.zeros(0, dtype=torch.long, device=input_ids.device)
         while True:
             k_max = min(draft_length, max_new_tokens - stats.generated - 1)  # drafts past the budget are wasted
             if draft_width > 1 and k_max >= 1:
                 toks, n, lag = _tree_round(model, state, pending, n, lag, j, draft_head, draft_width, draft_threshold, stats)
-                for tok in toks:
-                    yield tok
-                    if emit(tok):
-                        return
+                m, done = emit(toks)
+                yield from toks[:m]
+                if done:
+                    return
                 pending = toks[-1]
                 continue
             # --- draft: P, d1, ..., dk through layers 1..j; all but the last through the exit too.
@@ -292,10 +313,11 @@ def speculative_stream(
             state.cache.crop(n)
             if a < k or last_has_exit:
                 lag = None
-            for tok in [drafts_t[i : i + 1] for i in range(a)] + [nxt]:
-                yield tok
-                if emit(tok):
-                    return
+            toks = [drafts_t[i : i + 1] for i in range(a)] + [nxt]
+            m, done = emit(toks)
+            yield from toks[:m]
+            if done:
+                return
             pending = nxt
 
 
@@ -343,11 +365,11 @@ def _tree_round(
     out = run_exit(model, state, span, run_layers(model, state, span, hv, j, n_layers), n_layers)
     target = parts.lm_head(out)[0].argmax(-1)  # (1 + m,): the full model's token after P, after each candidate
     stats.drafted += 1
-    hit = (cands == target[0]).nonzero()
-    if not hit.numel():
+    hits = (cands == target[0]).tolist()  # the round's verify sync: which candidate (if any) the full model chose
+    if True not in hits:
         state.cache.crop(n + 1)
         return [target[:1]], n + 1, None
-    b = int(hit[0, 0])
+    b = hits.index(True)
     stats.accepted += 1
     cache = state.cache
     if b:  # the accepted candidate's K/V to index n + 1, where the next round expects them

@@ -55,3 +55,33 @@ def kv_cache_bytes(model: BalconyModel, exit: Exit, batch: int, length: int) -> 
     kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     itemsize = next(model.base.parameters()).element_size()
     return len(budget_slots(model, j)) * 2 * batch * kv_heads * length * head_dim * itemsize
+
+
+def token_exit_cost(model: BalconyModel, checkpoints: list[int], confidence_vocab: int | None = None) -> dict[int, int]:
+    """Per-token compute of token-level exits, by the layer where a token's output is decided.
+
+    A token decided at checkpoint k ran layers 1..j_k, every checked exit up to k (its layer and norm)
+    with the confidence head (the first `confidence_vocab` rows of the LM head, or all of it), and the
+    LM head once more to emit, unless the confidence head already was the whole head. A token that went
+    to the full model checked every exit, then ran the rest of the layers, the final norm and the head.
+    Backfilling skipped layers later is not counted: at batch 1 it rides on a pass the weights are read
+    for anyway. On the same basis as `ideal_speedup`: full-model compute / mean cost is the ideal speed-up.
+
+    Example:
+        >>> token_exit_cost(model, [14, 17, 20, 30], confidence_vocab=8192)[14]  # doctest: +SKIP
+        64_000_000
+    """
+    parts = model.parts
+    head = parts.lm_head.weight.numel()
+    hidden = parts.lm_head.weight.shape[1]
+    score = head if not confidence_vocab or confidence_vocab >= parts.lm_head.weight.shape[0] else confidence_vocab * hidden
+    emit = 0 if score == head else head
+    layers = [sum(p.numel() for p in layer.parameters()) for layer in parts.layers]
+    out, checked = {}, 0
+    for j in checkpoints:
+        if j == model.num_layers:
+            out[j] = sum(layers) + checked + sum(p.numel() for p in parts.norm.parameters()) + head
+            break
+        checked += sum(p.numel() for p in model.exits[str(j)].parameters()) + score
+        out[j] = sum(layers[:j]) + checked + emit
+    return out

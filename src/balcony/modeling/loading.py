@@ -93,14 +93,53 @@ def default_model_path(cache: str | os.PathLike | None = None) -> Path:
     return target
 
 
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
 def pick_device(device: str | None) -> str:
-    """`device`, or CUDA when available (None / "auto"); a CUDA request without CUDA falls back to the CPU."""
+    """`device`, or the best one here for None / "auto": CUDA, then MPS, else the CPU.
+
+    A CUDA (or MPS) request where there is none falls back to the CPU with a warning.
+
+    Example:
+        >>> pick_device("cpu")
+        'cpu'
+    """
     if device in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if _mps_available() else "cpu"
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         warnings.warn(f"device={device!r} asked for but CUDA is not available: running on the CPU", stacklevel=2)
         return "cpu"
+    if str(device).startswith("mps") and not _mps_available():
+        warnings.warn(f"device={device!r} asked for but MPS is not available: running on the CPU", stacklevel=2)
+        return "cpu"
     return str(device)
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def pick_dtype(dtype: str | None, device: str) -> str:
+    """`dtype`, or for None / "auto" the usual inference dtype of `device`: bfloat16 on CUDA, else float32.
+
+    Raises:
+        ValueError: a dtype that is not one of float32, bfloat16, float16 (or auto).
+
+    Example:
+        >>> pick_dtype("auto", "cpu")
+        'float32'
+    """
+    if dtype in (None, "", "auto"):
+        return "bfloat16" if str(device).startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+    name = str(dtype).replace("torch.", "")
+    name = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}.get(name, name)
+    if name not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    return name
 
 
 def load_base(

@@ -18,9 +18,16 @@ from torch import nn
 from transformers import DynamicCache, masking_utils
 
 from ..inference.engine import generate as engine_generate
-from ..inference.options import DRAFT_FIELDS, DecodeOptions, DraftOptions
+from ..inference.options import (
+    DRAFT_FIELDS,
+    POLICY_FIELDS,
+    DecodeOptions,
+    DraftOptions,
+    ExitPolicy,
+)
 from ..inference.quantize import quantize_model
 from ..inference.speculative import speculative_generate
+from ..inference.token_exits import AUTO_EXIT, token_exit_generate
 from .arch import (
     BalconyExit,
     architecture_summary,
@@ -172,6 +179,11 @@ class BalconyModel(DistillPasses, ExitsCheckpoint, nn.Module):
                     return j
             if key.lstrip("-").isdigit():
                 exit = int(key)
+            elif key.lower() == AUTO_EXIT:
+                raise ValueError(
+                    "exit='auto' is token-level exits, a decoding mode: use model.generate(ids, exit='auto', threshold=0.8) "
+                    f"(or `balcony generate --budget auto --threshold 0.8`); a forward pass needs a fixed budget: {self._accepted()}"
+                )
             else:
                 raise ValueError(f"unknown budget {exit!r}: {self._accepted()}")
         if isinstance(exit, bool) or not isinstance(exit, int):
@@ -361,22 +373,26 @@ class BalconyModel(DistillPasses, ExitsCheckpoint, nn.Module):
         return_stats: bool = False,
         options: DecodeOptions | None = None,
         draft: DraftOptions | None = None,
+        policy: ExitPolicy | None = None,
         **kwargs: Any,
     ):
-        """Generate at one budget, or self-speculatively with `exit` as the drafter.
+        """Generate at one budget, with token-level exits (``exit="auto"``), or self-speculatively.
 
         Args:
             input_ids: (B, T) prompt ids, left-padded when lengths differ.
             attention_mask: (B, T) 1 for real tokens, 0 for padding.
-            exit: The budget to decode at; with ``speculative=True``, the draft budget
-                (the output is then the full model's).
+            exit: The budget to decode at; ``"auto"`` for token-level exits (each token leaves at the first
+                exit whose confidence is above ``threshold``, `balcony.inference.token_exits`); with
+                ``speculative=True``, the draft budget (the output is then the full model's).
             speculative: Draft at `exit`, verify with the remaining layers only.
-            return_stats: Also return the `SpeculativeStats` (speculative only).
+            return_stats: Also return the `SpeculativeStats` (speculative) or `TokenExitStats` (``exit="auto"``).
             options: How to decode (`balcony.DecodeOptions`).
             draft: How to draft (`balcony.DraftOptions`; speculative only).
+            policy: Where tokens leave (`balcony.ExitPolicy`: threshold, exits, confidence_vocab; ``exit="auto"`` only).
             **kwargs: `DecodeOptions` fields (max_new_tokens, do_sample, temperature, top_k, top_p,
                 eos_token_id, pad_token_id, stop_strings, tokenizer, generator, compile) and, with
-                ``speculative=True``, `DraftOptions` fields (draft_length, draft_threshold, draft_vocab, draft_width).
+                ``speculative=True``, `DraftOptions` fields (draft_length, draft_threshold, draft_vocab, draft_width);
+                with ``exit="auto"``, `ExitPolicy` fields (threshold, exits, confidence_vocab).
 
         Returns:
             (B, T + new) ids; with ``return_stats=True`` a pair (ids, stats).
@@ -384,7 +400,16 @@ class BalconyModel(DistillPasses, ExitsCheckpoint, nn.Module):
         Example:
             >>> out = model.generate(ids, exit="S", max_new_tokens=16)  # doctest: +SKIP
             >>> out, stats = model.generate(ids, exit="S", speculative=True, draft_length=4, return_stats=True)  # doctest: +SKIP
+            >>> out = model.generate(ids, exit="auto", threshold=0.8, max_new_tokens=16)  # doctest: +SKIP
         """
+        if isinstance(exit, str) and exit.strip().lower() == AUTO_EXIT:
+            if speculative:
+                raise ValueError("exit='auto' (token-level exits) and speculative=True are two decoding modes: pick one")
+            out, stats = token_exit_generate(self, input_ids, attention_mask, options=options, policy=policy, **kwargs)
+            return (out, stats) if return_stats else out
+        if policy is not None or POLICY_FIELDS & set(kwargs):
+            named = sorted(POLICY_FIELDS & set(kwargs)) or ["policy"]
+            raise ValueError(f"{', '.join(named)} need(s) exit='auto' (token-level exits), not exit={exit!r}")
         if speculative:
             out, stats = speculative_generate(self, input_ids, attention_mask, exit=exit, options=options, draft=draft, **kwargs)
             return (out, stats) if return_stats else out

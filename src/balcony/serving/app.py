@@ -5,6 +5,11 @@ How a request is served: `protocol.Frontend` validates the body into a `Plan`
 auto policy for the bare name), a `Ticket` queues its jobs on the `Scheduler`
 and turns the worker's events into the JSON or SSE answer. Every response
 names the budget that served it (``x-balcony-budget`` header and a ``budget`` field).
+
+Nothing a request sends runs on the event loop in proportion to its size:
+`guard.Guard` refuses foreign hosts and origins, missing API keys, non-JSON
+and oversized bodies before the app runs; `body.read_body` stops at the size
+cap; JSON parsing, validation and tokenisation run in a worker thread.
 """
 
 import asyncio
@@ -12,10 +17,12 @@ import json
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator
 
+from .body import parse_json, read_body
 from .config import AUTO, BUDGET_HEADER, SPECULATIVE_HEADER, ServeConfig
-from .errors import ApiError, _timeout
+from .errors import ApiError, ClientGone, _timeout
+from .guard import Guard
 from .policy import AutoBudgetPolicy, PolicyConfig
 from .prometheus import Metrics
 from .protocol import Frontend, Plan
@@ -59,7 +66,7 @@ class Ticket:
             Job(
                 index=p * plan.n + k, prompt=prompt, max_tokens=plan.max_tokens, budget=budget, speculative=plan.speculative,
                 sampling=plan.sampling, seed=None if plan.seed is None else plan.seed + k, deadline=self.deadline, post=post,
-                auto=plan.budget is None,
+                auto=plan.budget is None, threshold=plan.threshold,
             )
             for p, prompt in enumerate(plan.prompts)
             for k in range(plan.n)
@@ -84,11 +91,10 @@ class Ticket:
             ApiError: 504 past the request's deadline.
             ClientGone: `watch` is set and its client disconnected.
         """
-        grace = 2.0
         next_check = time.monotonic() + self.POLL_S
         while self._open:
             now = time.monotonic()
-            remaining = self.deadline + grace - now
+            remaining = self.deadline - now  # the 504 leaves at the deadline; closing the jobs stops the worker's part
             if remaining <= 0:
                 raise _timeout(self.timeout_s)
             if now >= next_check:
@@ -105,10 +111,6 @@ class Ticket:
             if event.kind in ("done", "error"):
                 self._open.discard(event.index)
             yield event
-
-
-class ClientGone(Exception):
-    """The client closed the connection before its answer was ready."""
 
 
 def create_app(model: "BalconyModel", tokenizer, config: ServeConfig | None = None) -> "FastAPI":
@@ -176,6 +178,12 @@ def create_app(model: "BalconyModel", tokenizer, config: ServeConfig | None = No
             await asyncio.to_thread(scheduler.stop)
 
     app = FastAPI(title="balcony", version=__version__, lifespan=lifespan)
+    app.add_middleware(Guard, config=config)
+    if config.allowed_origins:  # added last, so it runs first: it answers the browsers' preflights
+        from fastapi.middleware.cors import CORSMiddleware
+
+        origins = ["*"] if "*" in config.allowed_origins else list(config.allowed_origins)
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
     app.state.scheduler = scheduler
     app.state.policy = policy
     app.state.metrics = metrics
@@ -231,19 +239,15 @@ def create_app(model: "BalconyModel", tokenizer, config: ServeConfig | None = No
     async def prometheus():
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    async def read_json(request: Request) -> Any:
-        raw = await request.body()
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(
-                400, f"We could not parse the JSON body of your request ({e}). The OpenAI API expects a JSON payload.",
-                code="invalid_json",
-            ) from None
+    def read_plan(raw: bytes, kind: str) -> Plan:
+        """Parse, validate and tokenise a body (in a worker thread: its cost grows with the body)."""
+        return frontend.parse(parse_json(raw), kind)
 
     def record(kind: str, status: int, budget: str | None, t0: float, prompt_tokens: int = 0) -> None:
         labels = {"endpoint": kind, "status": str(status), "budget": budget or "none"}
         metrics.inc("balcony_requests_total", labels)
+        if status == 504:
+            metrics.inc("balcony_rejected_total", {"reason": "timeout"})
         metrics.observe("balcony_request_latency_seconds", time.monotonic() - t0, {"endpoint": kind, "budget": budget or "none"})
         if prompt_tokens:
             metrics.inc("balcony_prompt_tokens_total", None, prompt_tokens)
@@ -252,7 +256,9 @@ def create_app(model: "BalconyModel", tokenizer, config: ServeConfig | None = No
         t0 = time.monotonic()
         ticket: Ticket | None = None
         try:
-            plan = frontend.parse(await read_json(request), kind)
+            raw = await read_body(request, config.max_body_bytes)
+            plan = await asyncio.to_thread(read_plan, raw, kind)
+            del raw
             if plan.speculative and scheduler.ready.is_set() and scheduler.speculative_error:
                 raise ApiError(400, scheduler.speculative_error, param="speculative", code="speculative_unsupported")
             ticket = Ticket(scheduler, plan, config)

@@ -3,12 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # heavy imports stay lazy: the CLI imports this module on every run
-
-    pass
-
 
 AUTO = "auto"
 
@@ -41,6 +35,14 @@ class ServeConfig:
         auto_down_cooldown_s: Auto policy: minimum seconds between two steps down.
         auto_latency_window_s: Auto policy: how long a latency observation counts.
         warmup: Run one tiny generation (and the speculative probe) at start-up.
+        max_body_bytes: Largest request body accepted; larger ones get 413 before they are read.
+        prefill_chunk: Prompt positions per prefill pass: between passes the worker drops requests
+            past their deadline or whose client left (None: one pass, which cannot be interrupted).
+        api_key: Required as ``Authorization: Bearer <key>`` on every /v1 route (None: no key).
+        allowed_hosts: Host names served besides localhost and IP addresses (``*``: any; see `guard`).
+        allowed_origins: Browser origins allowed besides the server's own (``*``: any); they get CORS headers.
+        chat_special_tokens: Parse control tokens (e.g. ``<|im_end|>``) inside chat message content as
+            control tokens, as before; by default they are plain text, so a user cannot forge a turn.
     """
 
     model_name: str = "balcony"
@@ -59,9 +61,19 @@ class ServeConfig:
     auto_down_cooldown_s: float = 1.0
     auto_latency_window_s: float = 10.0
     warmup: bool = True
+    max_body_bytes: int = 8 * 2**20
+    prefill_chunk: int | None = 256
+    api_key: str | None = None
+    allowed_hosts: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+    chat_special_tokens: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "queue_capacity", "max_tokens_limit"):
+        self.allowed_hosts = tuple(self.allowed_hosts)
+        self.allowed_origins = tuple(self.allowed_origins)
+        if self.prefill_chunk is not None and self.prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk={self.prefill_chunk} must be >= 1 (or None for one pass)")
+        for name in ("max_batch_size", "queue_capacity", "max_tokens_limit", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.request_timeout_s <= 0 or self.batch_window_ms < 0:

@@ -39,12 +39,18 @@ class ApiError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        param = None if self.param is None else _printable(self.param)
+        return {"error": {"message": _printable(self.message), "type": self.type, "param": param, "code": self.code}}
 
     def response(self):
         from fastapi.responses import JSONResponse
 
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def _printable(text: str) -> str:
+    """`text` as valid UTF-8: a lone surrogate (from a URL or a field the message quotes) is spelled ``\\udXXX``."""
+    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _queue_full(capacity: int) -> ApiError:
@@ -59,6 +65,10 @@ def _queue_full(capacity: int) -> ApiError:
 
 def _timeout(seconds: float) -> ApiError:
     return ApiError(504, f"The request did not finish within the server's timeout of {seconds:g} s.", type="server_error", code="timeout")
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its answer was ready."""
 
 
 class SpeculativeUnavailable(RuntimeError):

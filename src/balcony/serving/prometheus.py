@@ -1,14 +1,16 @@
-"""A small thread-safe Prometheus registry: counters, histograms and live gauges, rendered as text."""
+"""A small thread-safe Prometheus registry: counters, histograms and live gauges, rendered as text.
+
+Counts are Python integers and are printed in full (``1234567``, never
+``1.23457e+06``: six significant digits would make a counter past a million
+step wrongly under ``rate()``); other values are printed with ``repr``, the
+shortest text that reads back as the same float.
+"""
 
 from __future__ import annotations
 
+import math
 import threading
-from typing import TYPE_CHECKING, Callable, Sequence
-
-if TYPE_CHECKING:  # heavy imports stay lazy: the CLI imports this module on every run
-
-    pass
-
+from typing import Callable, Sequence
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -48,8 +50,8 @@ class Metrics:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._values: dict[str, dict[tuple, float]] = {}
-        self._hists: dict[str, dict[tuple, list[float]]] = {}
+        self._values: dict[str, dict[tuple, int | float]] = {}
+        self._hists: dict[str, dict[tuple, list]] = {}
         self._buckets: dict[str, tuple[float, ...]] = {}
         self._gauges: list[Callable[[], list[tuple[str, dict[str, str], float]]]] = []
 
@@ -57,12 +59,12 @@ class Metrics:
     def _key(labels: dict[str, str] | None) -> tuple:
         return tuple(sorted((labels or {}).items()))
 
-    def inc(self, name: str, labels: dict[str, str] | None = None, value: float = 1.0) -> None:
-        """Add `value` to a counter."""
+    def inc(self, name: str, labels: dict[str, str] | None = None, value: int | float = 1) -> None:
+        """Add `value` to a counter (integers stay exact integers)."""
         with self._lock:
             series = self._values.setdefault(name, {})
             key = self._key(labels)
-            series[key] = series.get(key, 0.0) + value
+            series[key] = series.get(key, 0) + value
 
     def observe(self, name: str, value: float, labels: dict[str, str] | None = None, buckets: Sequence[float] = LATENCY_BUCKETS) -> None:
         """Record one observation in a histogram."""
@@ -70,7 +72,7 @@ class Metrics:
             bounds = self._buckets.setdefault(name, tuple(buckets))
             series = self._hists.setdefault(name, {})
             key = self._key(labels)
-            counts = series.setdefault(key, [0.0] * (len(bounds) + 2))  # buckets..., count, sum
+            counts = series.setdefault(key, [0] * (len(bounds) + 1) + [0.0])  # buckets..., count, sum
             for i, b in enumerate(bounds):
                 if value <= b:
                     counts[i] += 1
@@ -81,10 +83,10 @@ class Metrics:
         """Register a callback that returns (name, labels, value) gauges at scrape time."""
         self._gauges.append(fn)
 
-    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
+    def value(self, name: str, labels: dict[str, str] | None = None) -> int | float:
         """A counter's current value (0 if never touched)."""
         with self._lock:
-            return self._values.get(name, {}).get(self._key(labels), 0.0)
+            return self._values.get(name, {}).get(self._key(labels), 0)
 
     def render(self) -> str:
         """The Prometheus text exposition (format 0.0.4)."""
@@ -104,19 +106,39 @@ class Metrics:
                 lines.append(f"# TYPE {name} {kind}")
                 if kind == "counter":
                     for key, v in sorted(self._values.get(name, {}).items()):
-                        lines.append(f"{name}{fmt(key)} {v:g}")
+                        lines.append(f"{name}{fmt(key)} {number(v)}")
                 elif kind == "histogram":
                     bounds = self._buckets.get(name, ())
                     for key, counts in sorted(self._hists.get(name, {}).items()):
                         for b, c in zip(bounds, counts):
-                            lines.append(f"{name}_bucket{fmt(key + (('le', f'{b:g}'),))} {c:g}")
-                        lines.append(f"{name}_bucket{fmt(key + (('le', '+Inf'),))} {counts[-2]:g}")
-                        lines.append(f"{name}_count{fmt(key)} {counts[-2]:g}")
-                        lines.append(f"{name}_sum{fmt(key)} {counts[-1]:.6g}")
+                            lines.append(f"{name}_bucket{fmt(key + (('le', number(b)),))} {number(c)}")
+                        lines.append(f"{name}_bucket{fmt(key + (('le', '+Inf'),))} {number(counts[-2])}")
+                        lines.append(f"{name}_count{fmt(key)} {number(counts[-2])}")
+                        lines.append(f"{name}_sum{fmt(key)} {number(counts[-1])}")
                 else:
                     for labels, v in gauges.get(name, []):
-                        lines.append(f"{name}{fmt(labels)} {v:g}")
+                        lines.append(f"{name}{fmt(labels)} {number(v)}")
         return "\n".join(lines) + "\n"
+
+
+def number(value: int | float) -> str:
+    """A sample value as the exposition format writes it: exact integers, round-tripping floats, +Inf/-Inf/NaN.
+
+    Example:
+        >>> number(1234567), number(2.0), number(0.1), number(float("inf"))
+        ('1234567', '2', '0.1', '+Inf')
+    """
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if value.is_integer() and abs(value) < 2**53:  # every integer below 2**53 is exact in a float
+        return str(int(value))
+    return repr(value)
 
 
 def _escape(text: str) -> str:

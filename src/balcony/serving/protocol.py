@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .chat import ChatEncoder
 from .config import AUTO, ServeConfig
 from .errors import ApiError
 from .scheduler import GREEDY, Sampling
@@ -28,8 +30,14 @@ def _type_name(value: Any) -> str:
     return _TYPE_NAMES.get(type(value), "null" if value is None else type(value).__name__)
 
 
+def _show(value: Any, limit: int = 60) -> str:
+    """A value for an error message, cut short (a 4000-digit integer is not worth quoting)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _get(body: dict, name: str, kinds: tuple[type, ...], default: Any) -> Any:
-    """Read an optional field, checking its JSON type (None/absent -> default)."""
+    """Read an optional field, checking its JSON type (None/absent -> default) and that a number is finite."""
     value = body.get(name, _MISSING)
     if value is _MISSING or value is None:
         return default
@@ -37,18 +45,32 @@ def _get(body: dict, name: str, kinds: tuple[type, ...], default: Any) -> Any:
     if not ok:
         expected = " or ".join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)
         raise ApiError(400, f"Invalid type for '{name}': expected {expected}, but got {_type_name(value)} instead.", param=name, code="invalid_type")
+    if isinstance(value, float) and not math.isfinite(value):  # Python's json reads NaN, Infinity and 1e999
+        raise ApiError(400, f"Invalid '{name}': {value!r} is not a finite number.", param=name, code="invalid_value")
     return float(value) if float in kinds and int not in kinds and not isinstance(value, bool) else value
 
 
 def _in_range(name: str, value: float, lo: float, hi: float, *, lo_open: bool = False) -> None:
-    if value < lo or value > hi or (lo_open and value == lo):
+    if (isinstance(value, float) and math.isnan(value)) or value < lo or value > hi or (lo_open and value == lo):
         bound = f"({lo:g}" if lo_open else f"[{lo:g}"
-        raise ApiError(400, f"Invalid '{name}': {value!r} is outside the range {bound}, {hi:g}].", param=name, code="invalid_value")
+        raise ApiError(400, f"Invalid '{name}': {_show(value)} is outside the range {bound}, {hi:g}].", param=name, code="invalid_value")
+
+
+MAX_STOP = 4
+"""Stop sequences per request (OpenAI's limit)."""
+
+
+MAX_STOP_CHARS = 1024
+"""Characters per stop sequence."""
+
+
+SEED_RANGE = (-(2**63), 2**63 - 1)
+"""Seeds are 64-bit signed integers (OpenAI's int64; the seed of choice k is seed + k)."""
 
 
 COMMON_FIELDS = {
     "model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed",
-    "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "user", "budget", "speculative",
+    "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "user", "budget", "speculative", "threshold",
 }
 
 
@@ -59,6 +81,11 @@ COMPLETION_FIELDS = COMMON_FIELDS | IGNORED_FIELDS | {"prompt", "echo", "best_of
 
 
 CHAT_FIELDS = COMMON_FIELDS | IGNORED_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "response_format"}
+
+
+def token_budget(threshold: float) -> str:
+    """The budget label of token-level exits at `threshold` (what the response names), e.g. ``auto@0.8``."""
+    return f"auto@{threshold:g}"
 
 
 @dataclass
@@ -78,6 +105,7 @@ class Plan:
     stream: bool
     include_usage: bool
     echo: bool
+    threshold: float | None = None
 
 
 class Frontend:
@@ -98,7 +126,14 @@ class Frontend:
         self.layer_to_budget = {j: b for b, j in self.budgets.items()}
         base_ctx = getattr(model.base.config, "max_position_embeddings", None)
         self.context_length = int(config.context_length or base_ctx or 2048)
-        self.chat_template = bool(getattr(tokenizer, "chat_template", None))
+        self.vocab_size = len(tokenizer)
+        # A prompt of more characters than the context times the longest token cannot fit: refuse it before
+        # tokenising (a 20 MB prompt once took the event loop 21 s to find out). Byte-level vocabularies spell
+        # each byte as one character, so this bounds UTF-8 bytes and hence characters.
+        longest = max((len(t) for t in tokenizer.get_vocab()), default=1) if hasattr(tokenizer, "get_vocab") else 64
+        self.max_prompt_chars = self.context_length * max(longest, 1)
+        self.chat = ChatEncoder(tokenizer, special_in_content=config.chat_special_tokens)
+        self.chat_template = self.chat.has_template
         if not self.chat_template:
             log.warning("the tokenizer has no chat template: /v1/chat/completions uses a plain 'role: content' format")
         default = config.default_budget
@@ -143,7 +178,7 @@ class Frontend:
                 if b.lower() == suffix.lower():
                     return b, True
         available = ", ".join(i for i, _ in self.model_ids()) + f", {self.name}:auto"
-        raise ApiError(404, f"The model `{name}` does not exist. Available models: {available}.", param="model", code="model_not_found")
+        raise ApiError(404, f"The model `{name[:200]}` does not exist. Available models: {available}.", param="model", code="model_not_found")
 
     # ------------------------------------------------------------ parsing
     def parse(self, body: Any, kind: str) -> Plan:
@@ -157,7 +192,7 @@ class Frontend:
         known = COMPLETION_FIELDS if kind == "completions" else CHAT_FIELDS
         for key in body:
             if key not in known:
-                raise ApiError(400, f"Unrecognized request argument supplied: {key}", param=key, code="unknown_parameter")
+                raise ApiError(400, f"Unrecognized request argument supplied: {key[:200]}", param=key[:200], code="unknown_parameter")
         budget, named = self.resolve_model(body.get("model"))
         field_budget = body.get("budget")
         if field_budget is not None:
@@ -177,6 +212,19 @@ class Frontend:
                 f"choose a draft budget below {budget} (e.g. {next(iter(self.budgets))}).",
                 param="speculative", code="invalid_value",
             )
+        threshold = _get(body, "threshold", (int, float), None)
+        if threshold is not None:
+            _in_range("threshold", threshold, 0.0, 1.0)
+            if field_budget is not None or named:
+                raise ApiError(
+                    400, "'threshold' asks for token-level exits (each token leaves at the first exit confident enough), "
+                    "which choose the depth per token: do not also name a budget (use the bare model id).",
+                    param="threshold", code="conflicting_budget",
+                )
+            if speculative:
+                raise ApiError(400, "'threshold' (token-level exits) and 'speculative' are two decoding modes: pick one.",
+                               param="threshold", code="invalid_value")
+            budget = token_budget(float(threshold))
         stream = _get(body, "stream", (bool,), False)
         stream_options = _get(body, "stream_options", (dict,), {})
         include_usage = bool(stream_options.get("include_usage", False))
@@ -190,6 +238,8 @@ class Frontend:
         if top_k is not None:
             _in_range("top_k", top_k, 0, 1 << 30)
         seed = _get(body, "seed", (int,), None)
+        if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+            raise ApiError(400, f"Invalid 'seed': {_show(seed)} is not a 64-bit signed integer (from -2**63 to 2**63 - 1).", param="seed", code="invalid_value")
         for name in ("presence_penalty", "frequency_penalty"):
             value = _get(body, name, (int, float), 0.0)
             _in_range(name, value, -2.0, 2.0)
@@ -199,7 +249,7 @@ class Frontend:
             raise ApiError(400, "'logit_bias' is not supported by this server.", param="logit_bias", code="unsupported_parameter")
         stop = self._stop(body)
         if kind == "completions":
-            prompts, texts = self._completion_prompts(body)
+            prompts, texts = self._completion_prompts(body, n)
             echo = _get(body, "echo", (bool,), False)
             if _get(body, "logprobs", (int,), 0):
                 raise ApiError(400, "'logprobs' is not supported by this server.", param="logprobs", code="unsupported_parameter")
@@ -230,7 +280,7 @@ class Frontend:
                 param="prompt" if kind == "completions" else "messages", code="context_length_exceeded",
             )
         if max_tokens < 1 or max_tokens > self.config.max_tokens_limit:
-            raise ApiError(400, f"Invalid '{max_param}': {max_tokens} is outside the range [1, {self.config.max_tokens_limit}].", param=max_param, code="invalid_value")
+            raise ApiError(400, f"Invalid '{max_param}': {_show(max_tokens)} is outside the range [1, {self.config.max_tokens_limit}].", param=max_param, code="invalid_value")
         if longest + max_tokens > self.context_length:
             raise ApiError(
                 400,
@@ -242,17 +292,31 @@ class Frontend:
         if len(prompts) * n > self.config.queue_capacity:
             raise ApiError(400, f"This request asks for {len(prompts) * n} completions; the server takes at most {self.config.queue_capacity}.", param="n", code="invalid_value")
         sampling: Sampling = GREEDY if temperature == 0 else (True, float(temperature), top_k or None, float(top_p))
-        return Plan(kind, budget, speculative, prompts, texts, n, max_tokens, sampling, seed, stop, stream, include_usage, echo)
+        return Plan(kind, budget, speculative, prompts, texts, n, max_tokens, sampling, seed, stop, stream, include_usage, echo,
+                    None if threshold is None else float(threshold))
 
     def _stop(self, body: dict) -> list[str]:
         stop = body.get("stop")
         if stop is None:
             return []
-        if isinstance(stop, str):
-            return [stop]
-        if isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop):
-            return list(stop)
-        raise ApiError(400, "Invalid 'stop': expected a string or an array of at most 4 strings.", param="stop", code="invalid_value")
+        stops = [stop] if isinstance(stop, str) else stop
+        if not (isinstance(stops, list) and len(stops) <= MAX_STOP and all(isinstance(s, str) for s in stops)):
+            raise ApiError(400, f"Invalid 'stop': expected a string or an array of at most {MAX_STOP} strings.", param="stop", code="invalid_value")
+        for i, s in enumerate(stops):
+            if len(s) > MAX_STOP_CHARS:
+                which = "'stop'" if isinstance(stop, str) else f"'stop[{i}]'"
+                raise ApiError(
+                    400, f"Invalid {which}: {len(s)} characters; a stop sequence may have at most {MAX_STOP_CHARS}.",
+                    param="stop", code="invalid_value",
+                )
+        return list(stops)
+
+    def _too_long(self, chars: int, param: str) -> ApiError:
+        return ApiError(
+            400, f"This model's maximum context length is {self.context_length} tokens. However, your prompt has {chars} "
+            f"characters, more than that many tokens can hold (no token is longer than {self.max_prompt_chars // self.context_length}).",
+            param=param, code="context_length_exceeded",
+        )
 
     def _encode(self, text: str, special: bool = True) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=special)["input_ids"]
@@ -260,11 +324,11 @@ class Frontend:
             ids = [self.tokenizer.bos_token_id]
         return list(ids)
 
-    def _completion_prompts(self, body: dict) -> tuple[list[list[int]], list[str]]:
+    def _completion_prompts(self, body: dict, n: int) -> tuple[list[list[int]], list[str]]:
         prompt = body.get("prompt", _MISSING)
         if prompt is _MISSING or prompt is None:
             raise ApiError(400, "You must provide a prompt parameter.", param="prompt", code="missing_required_parameter")
-        vocab = len(self.tokenizer)
+        vocab = self.vocab_size
         def is_ids(x: Any) -> bool:
             return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
         if isinstance(prompt, str):
@@ -275,6 +339,14 @@ class Frontend:
             items = prompt
         else:
             raise ApiError(400, "Invalid 'prompt': expected a string, an array of strings, an array of token ids, or an array of such arrays.", param="prompt", code="invalid_type")
+        if len(items) * n > self.config.queue_capacity:  # before tokenising any of them
+            raise ApiError(400, f"This request asks for {len(items) * n} completions; the server takes at most {self.config.queue_capacity}.", param="n", code="invalid_value")
+        for item in items:
+            if len(item) > (self.max_prompt_chars if isinstance(item, str) else self.context_length):
+                raise self._too_long(len(item), "prompt") if isinstance(item, str) else ApiError(
+                    400, f"This model's maximum context length is {self.context_length} tokens. However, your prompt is {len(item)} tokens long.",
+                    param="prompt", code="context_length_exceeded",
+                )
         prompts, texts = [], []
         for item in items:
             if isinstance(item, str):
@@ -314,11 +386,13 @@ class Frontend:
             elif not isinstance(content, str):
                 raise ApiError(400, f"Invalid type for 'messages[{i}].content': expected a string or an array of text parts, but got {_type_name(content)} instead.", param=f"messages[{i}].content", code="invalid_type")
             clean.append({"role": "system" if role == "developer" else role, "content": content})
-        if self.chat_template:
-            try:
-                text = self.tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
-            except Exception as e:  # noqa: BLE001 - the template rejected the conversation (e.g. role order)
-                raise ApiError(400, f"The chat template rejected these messages: {e}", param="messages", code="invalid_value") from None
-        else:
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in clean) + "assistant:"
-        return [self._encode(text, special=False)], [text]
+        chars = sum(len(m["content"]) for m in clean)
+        if chars > self.max_prompt_chars:
+            raise self._too_long(chars, "messages")
+        try:
+            ids, text = self.chat.encode(clean)
+        except ValueError as e:  # the template rejected the conversation (e.g. role order)
+            raise ApiError(400, f"The chat template rejected these messages: {e}", param="messages", code="invalid_value") from None
+        if not ids and self.tokenizer.bos_token_id is not None:
+            ids = [self.tokenizer.bos_token_id]
+        return [ids], [text]

@@ -2,10 +2,12 @@
 
 Requests wait in a bounded queue (full: an immediate 429). The worker takes the
 oldest request, adds every waiting request with the same budget and sampling
-settings (up to ``max_batch_size``, after waiting at most ``batch_window_ms``
-for company), left-pads them and decodes them together (static batching). A
+settings and a prompt of similar length (`length_bucket`; up to ``max_batch_size``,
+after waiting at most ``batch_window_ms`` for company), left-pads them and decodes them together (static batching). A
 request that finishes, times out or whose client goes away stops receiving
-tokens. The decoder is called from one place, `decode_tokens`.
+tokens; once none of a batch is left, the batch is abandoned, in the middle of a
+long prompt's prefill too (it runs in `ServeConfig.prefill_chunk` chunks, checked
+in between). The decoder is called from one place, `decode_tokens`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ if TYPE_CHECKING:  # heavy imports stay lazy: the CLI imports this module on eve
 from ..inference.engine import generate_stream
 from ..inference.options import DecodeOptions
 from ..inference.speculative import speculative_stream
+from ..inference.token_exits import token_exit_stream
 from .config import ServeConfig
 from .errors import ApiError, SpeculativeUnavailable, _queue_full, _timeout
 from .prometheus import BATCH_BUCKETS, Metrics
@@ -66,6 +69,7 @@ class Job:
         deadline: `time.monotonic()` after which the job is dropped.
         post: Thread-safe callback delivering an `Event` to the request.
         auto: The budget was left to the auto policy (for metrics).
+        threshold: Token-level exits at this threshold (`budget` is then its ``auto@<threshold>`` label).
     """
 
     index: int
@@ -83,6 +87,7 @@ class Job:
     finished: bool = False
     served_budget: str | None = None
     generated: int = 0
+    threshold: float | None = None
 
     def batch_key(self, auto_budget: str, draft_budget: str | None) -> tuple:
         """Jobs with equal keys can share a batch; the key starts with the budget to run at.
@@ -96,6 +101,20 @@ class Job:
         return (budget, self.speculative, self.sampling, id(self) if seeded else None)
 
 
+SHORT_PROMPT = 256
+"""Prompts up to this many tokens batch together whatever their lengths; longer ones only within a factor of 2."""
+
+
+def length_bucket(tokens: int) -> int:
+    """Which prompts may share a batch: 0 up to `SHORT_PROMPT` tokens, then one bucket per power of two.
+
+    Example:
+        >>> length_bucket(10), length_bucket(256), length_bucket(257), length_bucket(512), length_bucket(5000)
+        (0, 0, 9, 9, 13)
+    """
+    return 0 if tokens <= SHORT_PROMPT else (tokens - 1).bit_length()
+
+
 def decode_tokens(
     model: "BalconyModel",
     input_ids: "torch.Tensor",
@@ -107,6 +126,9 @@ def decode_tokens(
     eos_token_id: list[int],
     generator: "torch.Generator | None" = None,
     speculative: bool = False,
+    prefill_chunk: int | None = None,
+    cancel: Callable[[], bool] | None = None,
+    threshold: float | None = None,
 ) -> Iterator["torch.Tensor"]:
     """Yield (B,) tokens per step: the server's one call into the decoder.
 
@@ -123,6 +145,11 @@ def decode_tokens(
         eos_token_id: Ids that end a sequence.
         generator: Seeded generator for sampling.
         speculative: Self-speculative decoding (draft at `exit`, verify with the full model).
+        prefill_chunk: Prompt positions per prefill pass (None: one pass).
+        cancel: Asked between prefill chunks and decode steps; True ends the stream (the work is abandoned).
+            Speculative decoding prefills in one pass and is stopped between tokens by the caller.
+        threshold: Token-level exits at this threshold (`exit` is then ignored): each token leaves at the first
+            exit confident enough. The prompt is prefilled in one pass; `cancel` is asked between steps.
 
     Raises:
         SpeculativeUnavailable: `speculative` was asked and this build cannot do it.
@@ -132,8 +159,11 @@ def decode_tokens(
         max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
         eos_token_id=eos_token_id, generator=generator,
     )
+    if threshold is not None:
+        yield from token_exit_stream(model, input_ids, attention_mask, options=options, threshold=threshold, cancel=cancel)
+        return
     if not speculative:
-        yield from generate_stream(model, input_ids, attention_mask, exit=exit, options=options)
+        yield from generate_stream(model, input_ids, attention_mask, exit=exit, options=options.replace(prefill_chunk=prefill_chunk), cancel=cancel)
         return
     if input_ids.shape[0] == 1:  # token by token
         yield from speculative_stream(model, input_ids, attention_mask, exit=exit, options=options)
@@ -185,10 +215,8 @@ class Scheduler:
     def stop(self, timeout: float = 10.0) -> None:
         with self._cond:
             self._stopping = True
-            for job in self._waiting:
+            for job in self._waiting + self._running:
                 self._fail(job, ApiError(503, "The server is shutting down.", type="server_error", code="unavailable"))
-            for job in self._running:
-                job.cancelled = True
             self._waiting.clear()
             self._cond.notify_all()
         if self._thread is not None:
@@ -286,8 +314,7 @@ class Scheduler:
         for job in self._waiting:
             if job.cancelled:
                 job.finished = True
-            elif now > job.deadline:
-                self.metrics.inc("balcony_rejected_total", {"reason": "timeout"})
+            elif now > job.deadline:  # (timeouts are counted where the 504 is answered)
                 self.policy.observe_latency(now, now - job.arrival)
                 self._fail(job, _timeout(self.config.request_timeout_s))
             else:
@@ -315,7 +342,10 @@ class Scheduler:
                 draft = self.draft_budget(auto)
                 key = head.batch_key(auto, draft)
                 limit = 1 if head.speculative else cfg.max_batch_size  # speculative decoding runs one sequence
-                batch = [job for job in self._waiting if job.batch_key(auto, draft) == key][:limit]
+                # Prompts of very different lengths are not batched: a short one would pay for the long one's
+                # padded prefill (and share its fate at the deadline).
+                size = length_bucket(len(head.prompt))
+                batch = [job for job in self._waiting if job.batch_key(auto, draft) == key and length_bucket(len(job.prompt)) == size][:limit]
                 chosen = set(map(id, batch))
                 self._waiting[:] = [job for job in self._waiting if id(job) not in chosen]
                 self._running = batch
@@ -392,9 +422,20 @@ class Scheduler:
         generator = None
         if head.sampling[0] and head.seed is not None:
             generator = torch.Generator(device=ids.device).manual_seed(head.seed)
+
+        def abandon() -> bool:
+            """Between prefill chunks and steps: answer the requests past their deadline; True once none is left."""
+            now = time.monotonic()
+            for job in batch:
+                if not job.finished and not job.cancelled and now > job.deadline:
+                    self._fail(job, _timeout(self.config.request_timeout_s))
+            return self._stopping or all(job.finished or job.cancelled for job in batch)
+
         stream = decode_tokens(
-            self.model, ids, mask, exit=self.model.budgets[budget], max_new_tokens=max(job.max_tokens for job in batch),
-            sampling=head.sampling, eos_token_id=self.eos_ids, generator=generator, speculative=speculative,
+            self.model, ids, mask, exit=self.model.budgets.get(budget, self.model.num_layers),
+            max_new_tokens=max(job.max_tokens for job in batch), sampling=head.sampling, eos_token_id=self.eos_ids,
+            generator=generator, speculative=speculative, prefill_chunk=self.config.prefill_chunk, cancel=abandon,
+            threshold=head.threshold,
         )
         eos = set(self.eos_ids)
         active = [True] * len(batch)
@@ -420,7 +461,6 @@ class Scheduler:
                         if job.generated >= job.max_tokens:
                             self._finish(job, "length")
                         elif now > job.deadline:
-                            self.metrics.inc("balcony_rejected_total", {"reason": "timeout"})
                             self._fail(job, _timeout(self.config.request_timeout_s))
                     active[i] = not job.finished
                 if not any(active):
@@ -428,5 +468,10 @@ class Scheduler:
         finally:
             stream.close()
             self.metrics.inc("balcony_generation_tokens_total", {"budget": budget}, sum(job.generated for job in batch))
-        for job in batch:  # the decoder stopped early (every row at EOS)
-            self._finish(job, "stop")
+        for job in batch:
+            if job.cancelled:  # its client left (or the server is stopping): nobody to answer
+                job.finished = True
+            elif time.monotonic() > job.deadline:  # abandoned at its deadline
+                self._fail(job, _timeout(self.config.request_timeout_s))
+            else:  # the decoder stopped early (every row at EOS)
+                self._finish(job, "stop")

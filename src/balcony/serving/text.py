@@ -24,7 +24,8 @@ class TextStream:
     def __init__(self, tokenizer, stop: Sequence[str] = ()):
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
-        self._longest = max((len(s) for s in self.stop), default=0)
+        self._matchers = [_StopMatcher(s) for s in self.stop]
+        self._scanned = 0  # characters of `_text` the matchers have seen
         self.ids: list[int] = []
         self._prefix = 0
         self._read = 0
@@ -64,20 +65,64 @@ class TextStream:
         return self._release(final=True)
 
     def _release(self, final: bool) -> str:
-        if self.stop:
-            start = max(0, self.sent - self._longest)
-            hits = [p for p in (self._text.find(s, start) for s in self.stop) if p >= 0]
+        if self._matchers:
+            # Each matcher reads the new characters once (linear in the text and the stop string, whatever their
+            # lengths); the text is cut before the earliest stop string seen so far.
+            for m in self._matchers:
+                m.feed(self._text, self._scanned)
+            self._scanned = len(self._text)
+            hits = [m.end - len(m.stop) for m in self._matchers if m.end is not None]
             if hits:
-                cut = min(hits)
+                cut = max(min(hits), self.sent)
                 out = self._text[self.sent:cut]
                 self._text = self._text[:cut]
                 self.sent = cut
                 self.stopped = True
                 return out
         end = len(self._text)
-        if not final and self.stop:
-            hold = max((k for s in self.stop for k in range(1, len(s)) if self._text.endswith(s[:k])), default=0)
+        if not final and self._matchers:
+            # Hold back the longest tail that could still grow into a stop string.
+            hold = max(m.state for m in self._matchers)
             end = max(self.sent, end - hold)
         out = self._text[self.sent:end]
         self.sent = end
         return out
+
+
+class _StopMatcher:
+    """Knuth-Morris-Pratt over a growing text: where one stop string first ends, and how much of it the text ends in.
+
+    `state` is the length of the longest prefix of the stop string that the text
+    seen so far ends with (what must be held back); `end` is the index just past
+    the first full occurrence, or None. Feeding n characters costs O(n) amortised,
+    so a long stop string cannot make each token quadratic.
+    """
+
+    def __init__(self, stop: str):
+        self.stop = stop
+        self.fail = [0] * len(stop)  # fail[i]: longest proper prefix of stop[:i + 1] that is also its suffix
+        k = 0
+        for i in range(1, len(stop)):
+            while k and stop[i] != stop[k]:
+                k = self.fail[k - 1]
+            if stop[i] == stop[k]:
+                k += 1
+            self.fail[i] = k
+        self.state = 0
+        self.end: int | None = None
+
+    def feed(self, text: str, start: int) -> None:
+        """Read `text[start:]` (the characters appended since the last call)."""
+        if self.end is not None:
+            return
+        stop, fail, k, n = self.stop, self.fail, self.state, len(self.stop)
+        for i in range(start, len(text)):
+            c = text[i]
+            while k and c != stop[k]:
+                k = fail[k - 1]
+            if c == stop[k]:
+                k += 1
+                if k == n:
+                    self.end = i + 1
+                    break
+        self.state = k

@@ -9,6 +9,7 @@ the vocabulary. Conventions as in `balcony.training.losses`.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -274,11 +275,26 @@ def _kl_chunk(
         (E,) summed loss per exit over counted rows, and (n, E, H) gradient of
         sum_k exit_weights[k] * loss_k w.r.t. hs.
     """
+    with _autocast_off(hs.device):
+        return _kl_chunk_body(hs, teacher_h, weight, labels, mask, temperature, ce_weight, ignore_index, exit_weights)
+
+
+def _autocast_off(device: torch.device):
+    # The head's products run in the head's own dtype (bf16 for a bf16 base): autocast would cast
+    # a float32 head to bf16 on every call, a full (V, H) copy per chunk and per exit.
+    available = getattr(torch.amp, "is_autocast_available", lambda t: t in ("cpu", "cuda"))
+    return torch.autocast(device.type, enabled=False) if available(device.type) else contextlib.nullcontext()
+
+
+def _kl_chunk_body(
+    hs: Tensor, teacher_h: Tensor, weight: Tensor, labels: Tensor | None, mask: Tensor | None,
+    temperature: float, ce_weight: float, ignore_index: int, exit_weights: Tensor,
+) -> tuple[Tensor, Tensor]:
     n, e, _ = hs.shape
     dtype = torch.promote_types(hs.dtype, torch.float32)
     keep = _counted(n, labels, mask, ignore_index, hs.device)
     keep_f = keep.to(dtype)
-    t = F.linear(teacher_h, weight).to(dtype)  # (n, V)
+    t = F.linear(teacher_h.to(weight.dtype), weight).to(dtype)  # (n, V)
     if temperature != 1.0:
         t = t / temperature
     log_p = torch.log_softmax(t, dim=-1)
@@ -287,7 +303,7 @@ def _kl_chunk(
     grad = torch.empty_like(hs)
     losses = torch.empty(e, dtype=dtype, device=hs.device)
     for k in range(e):
-        z1 = F.linear(hs[:, k], weight).to(dtype)  # (n, V) logits
+        z1 = F.linear(hs[:, k].to(weight.dtype), weight).to(dtype)  # (n, V) logits
         z = z1 / temperature if temperature != 1.0 else z1  # (a new tensor when T != 1)
         rows = None
         if ce_weight > 0:
@@ -313,5 +329,6 @@ def _kl_chunk(
         rows = torch.where(keep, rows, torch.zeros((), dtype=dtype, device=hs.device))
         losses[k] = rows.sum()
         # Uncounted rows and the exit weight scale rows of the (n, H) product, not the (n, V) gradient.
-        grad[:, k] = ((g @ weight.to(dtype)) * (keep_f * exit_weights[k].to(dtype))[:, None]).to(hs.dtype)
+        # (n, V) @ (V, H) in the head's dtype: the gradient is cast, never the head.
+        grad[:, k] = (torch.mm(g.to(weight.dtype), weight).to(dtype) * (keep_f * exit_weights[k].to(dtype))[:, None]).to(hs.dtype)
     return losses, grad

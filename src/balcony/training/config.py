@@ -17,6 +17,12 @@ LOSSES = ("kl", "kl+ce", "ce", "reverse_kl", "jsd")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+STRATEGIES = ("ddp", "fsdp")
+
+
 WARMUP_LOSSES = (None, "logit_mse")
 
 
@@ -71,7 +77,17 @@ class TrainConfig:
         weight_decay: AdamW weight decay.
         warmup_ratio: Share of steps for linear LR warm-up before the cosine decay.
         max_grad_norm: Gradient clipping (0: off).
-        precision: fp32 | bf16 | fp16 | auto (bf16 where the device supports it, else fp32).
+        precision: fp32 | bf16 | fp16 | auto (the default: bf16 on a GPU that supports it, or when
+            `dtype` asks for a bf16 base, else fp32): the autocast precision of the forward passes. Exits and optimizer state stay float32
+            (master weights) whatever it is.
+        dtype: auto | float32 | bfloat16 | float16: the dtype the frozen base (the teacher) is
+            loaded in. auto: the precision's dtype when the base is frozen (bf16 on a GPU), float32
+            when it trains (recipes unfrozen / sorted / pretrain keep fp32 master weights).
+        device: auto | cuda | mps | cpu: where a single process trains (auto: CUDA, then MPS,
+            else the CPU). Under ``accelerate launch`` each process takes its own GPU.
+        strategy: ddp (every process holds the whole model, gradients all-reduced) or fsdp
+            (exit parameters, gradients and optimizer state sharded across processes, and the
+            frozen base's decoder layers too); see docs/training-at-scale.md.
         gradient_checkpointing: Recompute activations in backward (for unfrozen/sorted/pretrain).
         checkpoint_exits: Recompute each exit layer's activations in backward: ~3% more compute
             for ~90 MB less peak memory per exit on the embedded model at 8x256 tokens.
@@ -124,7 +140,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
     max_grad_norm: float = 1.0
-    precision: str = "fp32"
+    precision: str = "auto"
+    dtype: str = "auto"
+    device: str | None = None
+    strategy: str = "ddp"
     gradient_checkpointing: bool = False
     checkpoint_exits: bool = True
     chunk_size: int = 512
@@ -146,6 +165,16 @@ class TrainConfig:
         one_of("recipe", RECIPES)
         one_of("loss", LOSSES)
         one_of("precision", PRECISIONS)
+        one_of("dtype", DTYPES)
+        one_of("strategy", STRATEGIES)
+        if self.device is not None and str(self.device).split(":")[0] not in ("auto", "cuda", "mps", "cpu"):
+            raise ValueError(f"device={self.device!r} is not one of ('auto', 'cuda', 'mps', 'cpu') (or 'cuda:N')")
+        if self.dtype in ("bfloat16", "float16") and self.recipe != "balcony":
+            raise ValueError(f"dtype={self.dtype!r} would train the base in {self.dtype}: recipe={self.recipe!r} trains the base, "
+                             "which needs float32 master weights; use dtype=float32 (or auto) with precision=bf16 for a bf16 forward")
+        if self.dtype in ("bfloat16", "float16") and self.precision == "fp32":
+            raise ValueError(f"dtype={self.dtype!r} with precision='fp32': the float32 exits cannot run on {self.dtype} hidden states "
+                             "without autocast; use precision=bf16 (or fp16, or auto), or dtype=float32")
         one_of("warmup_loss", WARMUP_LOSSES)
         one_of("warm_start", (None, "lstsq"))
         one_of("feature_dtype", ("float16", "float32", "bfloat16"))

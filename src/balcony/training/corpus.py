@@ -18,6 +18,7 @@ cache as they are made, so an interrupted build resumes where it stopped.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -207,10 +208,26 @@ def generated_corpus(
         Path of the JSONL file (fields ``text``, ``topic``, ``tokens``).
     """
     path = corpus_path(model, seed, temperature=temperature, top_k=top_k, top_p=top_p)
-    have = _count_tokens(path)
-    if have >= num_tokens:
+    if _count_tokens(path) >= num_tokens:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Two runs sharing a cache (a second terminal, a test beside a training run) must not both append the
+    # same rounds: the second waits for the first, then extends what it wrote (or finds it long enough).
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            _extend(path, model, tok, num_tokens, batch_size, max_new_tokens, temperature, top_k, top_p, seed, progress)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return path
+
+
+def _extend(path: Path, model, tok, num_tokens: int, batch_size: int, max_new_tokens: int, temperature: float, top_k: int,
+            top_p: float, seed: int, progress: bool) -> None:
+    """Generate rounds of passages into `path` until it holds `num_tokens` tokens (the caller holds the lock)."""
+    have = _count_tokens(path)
+    if have >= num_tokens:
+        return
     done_lines = len(path.read_text().splitlines()) if path.is_file() else 0
     bar = None
     if progress:
@@ -231,7 +248,8 @@ def generated_corpus(
         for i, e in enumerate(enc):  # left padding
             ids[i, width - len(e):] = torch.tensor(e)
             mask[i, width - len(e):] = 1
-        gen = torch.Generator().manual_seed(seed * 104729 + round_no)
+        # On the model's device: sampling draws there (a CPU generator cannot drive CUDA sampling).
+        gen = torch.Generator(device=device).manual_seed(seed * 104729 + round_no)
         out = model.generate(ids.to(device), mask.to(device), exit=None, max_new_tokens=max_new_tokens, do_sample=True,
                              temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=tok.eos_token_id, generator=gen)
         with open(path, "a") as f:
@@ -249,4 +267,3 @@ def generated_corpus(
         round_no += 1
     if bar is not None:
         bar.close()
-    return path

@@ -25,7 +25,9 @@ class DistillObjective(nn.Module):
         self.exits = [j for j in model.config.exit_layers if any(p.requires_grad for p in model.exits[str(j)].parameters()) or model.base_trainable]
         if not self.exits:
             raise ValueError("no exit has trainable parameters: check train_exits and the recipe")
-        self.register_buffer("gram", centered_gram(model.parts.lm_head.weight), persistent=False)
+        # The logit-MSE warm-up's (H, H) matrix, only when that loss is used; a plain attribute, not a buffer:
+        # it is a constant that every rank computes alike, so DDP must neither broadcast nor checkpoint it.
+        self.gram = centered_gram(model.parts.lm_head.weight) if cfg.warmup_loss == "logit_mse" else None
         self.loss_head: nn.Linear | None = None
 
     def set_loss_vocab(self, indices: torch.Tensor | None) -> None:
@@ -55,6 +57,8 @@ class DistillObjective(nn.Module):
             exit_h, teacher = out.exit_hidden, out.teacher_hidden
         token_mask = None if mask is None else mask.bool()
         if phase == "warmup":
+            if self.gram is None:  # a caller that runs the warm-up phase without configuring it: build it now
+                self.gram = centered_gram(model.parts.lm_head.weight)
             per = torch.stack([logit_mse_loss(exit_h[j], teacher, self.gram, token_mask) for j in self.exits])
             return per.sum(), per.detach()
         labels = None
