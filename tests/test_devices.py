@@ -108,6 +108,27 @@ def test_info_counts_on_the_cpu(monkeypatch):
     assert main(["info"]) == 130 and seen == ["cpu"]
 
 
+def test_a_base_for_an_accelerator_loads_straight_onto_it(monkeypatch, tiny_model_dir):
+    """device=cuda loads through device_map (shard by shard onto the device), never a whole copy in host RAM first."""
+    import transformers
+
+    from balcony.modeling.loading import load_base
+
+    real = transformers.AutoModelForCausalLM.from_pretrained
+    seen = []
+
+    def spy(path, **kwargs):
+        seen.append(kwargs.get("device_map"))
+        kwargs.pop("device_map", None)
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    load_base(str(tiny_model_dir), device="cpu")
+    base, _ = load_base(str(tiny_model_dir), device="meta", dtype="bfloat16")  # "meta" stands in for an accelerator here
+    assert seen == [None, {"": "meta"}]
+    assert next(base.parameters()).device.type == "meta" and next(base.parameters()).dtype == torch.bfloat16
+
+
 # ------------------------------------------------------------------------ generators
 class _Elsewhere:
     """A generator stand-in on another device (this CPU-only torch cannot make a CUDA one)."""
