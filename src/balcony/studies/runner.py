@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,8 +85,10 @@ def _load_plan(path: Path, study: Study, configs: Mapping[str, TrainConfig]) -> 
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    """Write atomically; runners sharing a study each write through a temporary file of their own."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(data, indent=2, default=str) + "\n")
     os.replace(tmp, path)
 
 
