@@ -212,10 +212,15 @@ def test_cli_train_takes_device_and_dtype(tmp_path, monkeypatch):
     rng = random.Random(0)
     (tmp_path / "corpus.txt").write_text("\n\n".join(" ".join(rng.choice(WORDS) for _ in range(60)) for _ in range(40)))
     monkeypatch.setenv("BALCONY_CACHE", str(tmp_path / "cache"))
+    import balcony.training.build as build
+
+    real_load, devices = build.load_base, []
+    monkeypatch.setattr(build, "load_base", lambda *a, **k: devices.append(k.get("device")) or real_load(*a, **k))
     rc = main(["train", "--config", "smollm2-quick", "--model", str(tmp_path / "base"), "--dataset", str(tmp_path / "corpus.txt"),
                "--output-dir", str(tmp_path / "run"), "--device", "cpu", "--dtype", "bfloat16", "--max-steps", "2",
                "--set", "exit_layers=[2,4],seq_len=32,batch_size=4,eval_tokens=128,progress=false,max_tokens=1024"])
     assert rc == 0
     done = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
     assert (done["base_dtype"], done["precision"]) == ("bfloat16", "bf16")  # precision auto follows the bf16 teacher
+    assert [str(d) for d in devices] == ["cpu"]  # the base is loaded where the run trains (straight onto a GPU there)
     assert main(["train", "--config", "smollm2-quick", "--device", "tpu"]) == 2  # named and refused

@@ -22,12 +22,15 @@ from .data import DataConfig, prepare_data
 from .packing import PackedData
 
 
-def build_training_model(cfg: TrainConfig, *, dtype: torch.dtype = torch.float32, base: Any = None, tok: Any = None) -> tuple[BalconyModel, Any]:
+def build_training_model(
+    cfg: TrainConfig, *, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None, base: Any = None, tok: Any = None
+) -> tuple[BalconyModel, Any]:
     """Base + exits as the recipe asks, with the right parameters trainable.
 
     Args:
         cfg: The run's config.
         dtype: The dtype the base is loaded in; trainable exits are float32 whatever it is.
+        device: Where the base is loaded (an accelerator: straight onto it, never whole in host RAM).
         base, tok: An already built base (e.g. on the meta device, for `balcony.training.memory`)
             and its tokenizer, instead of loading `cfg.model`.
 
@@ -37,7 +40,7 @@ def build_training_model(cfg: TrainConfig, *, dtype: torch.dtype = torch.float32
         (torch.bfloat16, torch.float32)
     """
     if base is None:
-        base, tok = load_base(cfg.model, dtype=dtype)
+        base, tok = load_base(cfg.model, dtype=dtype, device=device)
     if cfg.recipe == "pretrain":
         # Same architecture, fresh weights: pretraining the dynamic model from scratch.
         torch.manual_seed(cfg.seed)

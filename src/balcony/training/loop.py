@@ -113,7 +113,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
-    model, tok = build_training_model(cfg, dtype=dtype)
+    model, tok = build_training_model(cfg, dtype=dtype, device=accelerator.device)
     model.to(accelerator.device)
     with accelerator.main_process_first():  # rank 0 generates / tokenises / caches; the others then read its files
         train_rows, eval_rows = load_training_data(cfg, tok, model)
