@@ -44,7 +44,7 @@ from balcony.inference.engine import generate_stream
 from balcony.vllm import export_vllm
 from balcony.vllm.launch import run_worker
 
-TRAINED = Path("/work/runs/default")
+TRAINED = Path("runs/default")  # where `balcony train --config smollm2-default --output-dir runs/default` writes
 
 
 def fixed_seed_exits(base, default: bool, directory: Path) -> Path:
@@ -86,7 +86,7 @@ class Clock:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--exits", default=None, help="saved exits (default: /work/runs/default if trained exits are there, else fixed-seed random exits)")
+    ap.add_argument("--exits", default=None, help="saved exits (default: runs/default if trained exits are there, else fixed-seed random exits)")
     ap.add_argument("--model", default=None, help="base path or hub id (default: the embedded SmolLM2-135M)")
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=32)
