@@ -196,6 +196,7 @@ def test_teacher_forced_decisions_match_decoding():
 
 def test_curve_endpoints_budgets_and_calibration():
     from balcony.eval.thresholds import (
+        CurvePoint,
         calibrate,
         curve,
         format_curve,
@@ -234,6 +235,12 @@ def test_curve_endpoints_budgets_and_calibration():
     with pytest.raises(ValueError, match="target_agreement=1.5"):
         calibrate(scores, 1.5)
     assert "auto@0.5" in format_curve(list(pts.values()))
+    # The table stays aligned for long labels and plain early exit's astronomical perplexities.
+    rows = [CurvePoint("auto@0.0626 (calibrated)", 0.0626, 15.3, 1.41, 1.66, 0.4226, 197.7, {14: 0.86, 30: 0.14}),
+            CurvePoint("early-exit/S", None, 14.0, float("nan"), 16.3, 0.1319, 1.528e9)]
+    table = format_curve(rows).splitlines()
+    assert table[1].split()[:7] == ["auto@0.0626", "(calibrated)", "15.30", "1.41", "1.660", "42.26", "197.7"]
+    assert table[2].split()[:5] == ["early-exit/S", "14.00", "16.300", "13.19", "1.528e+09"]
 
 
 def test_bench_measures_every_threshold_and_budget():

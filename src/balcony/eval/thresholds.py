@@ -224,11 +224,12 @@ def _quantiles(scores: TokenScores, k: int) -> list[float]:
 
 
 def format_curve(points: Sequence[CurvePoint]) -> str:
-    """A plain-text table of curve points."""
-    lines = [f"{'':<16}{'mean layers':>12}{'ideal x':>9}{'measured x':>11}{'KL':>8}{'agree %':>9}{'ppl':>9}  exits (share of tokens)"]
+    """A plain-text table of curve points (columns stay aligned for any label or perplexity)."""
+    w = max([16, *(len(p.label) + 2 for p in points)])
+    lines = [f"{'':<{w}}{'mean layers':>12}{'ideal x':>9}{'measured x':>11}{'KL':>8}{'agree %':>9}{'ppl':>11}  exits (share of tokens)"]
     for p in points:
         measured = "" if p.measured_speedup is None else f"{p.measured_speedup:.2f}"
         shares = ", ".join(f"{j}: {100 * f:.0f}%" for j, f in p.fractions.items())
         speed = "" if math.isnan(p.ideal_speedup) else f"{p.ideal_speedup:.2f}"
-        lines.append(f"{p.label:<16}{p.mean_layers:>12.2f}{speed:>9}{measured:>11}{p.kl:>8.3f}{100 * p.agreement:>9.2f}{p.ppl:>9.1f}  {shares}")
+        lines.append(f"{p.label:<{w}}{p.mean_layers:>12.2f}{speed:>9}{measured:>11}{p.kl:>8.3f}{100 * p.agreement:>9.2f}{p.ppl:>11.4g}  {shares}")
     return "\n".join(lines)
