@@ -86,3 +86,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def local_tasks_only(monkeypatch):
+    """Never index the harness's ~15k built-in tasks (10 s): only include paths."""
+    import lm_eval.tasks
+
+    real = lm_eval.tasks.TaskManager
+
+    class LocalTaskManager(real):
+        def __init__(self, *args, include_defaults=True, **kwargs):
+            super().__init__(*args, include_defaults=False, **kwargs)
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", LocalTaskManager)

@@ -69,20 +69,6 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("BALCONY_CACHE", str(tmp_path / "cache"))
 
 
-@pytest.fixture
-def local_tasks_only(monkeypatch):
-    """Never index the harness's ~15k built-in tasks (10 s): only include paths."""
-    import lm_eval.tasks
-
-    real = lm_eval.tasks.TaskManager
-
-    class LocalTaskManager(real):
-        def __init__(self, *args, include_defaults=True, **kwargs):
-            super().__init__(*args, include_defaults=False, **kwargs)
-
-    monkeypatch.setattr(lm_eval.tasks, "TaskManager", LocalTaskManager)
-
-
 TINY = {"seq_len": 32, "batch_size": 4, "eval_tokens": 128, "lr": 3e-3, "warm_start_tokens": 2048, "loss_vocab": 40}
 
 

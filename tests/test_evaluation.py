@@ -93,20 +93,6 @@ def loaded(tiny):
     return model, tok
 
 
-@pytest.fixture
-def local_tasks_only(monkeypatch):
-    """Never index the harness's ~15k built-in tasks (10 s): only include paths."""
-    import lm_eval.tasks
-
-    real = lm_eval.tasks.TaskManager
-
-    class LocalTaskManager(real):
-        def __init__(self, *args, include_defaults=True, **kwargs):
-            super().__init__(*args, include_defaults=False, **kwargs)
-
-    monkeypatch.setattr(lm_eval.tasks, "TaskManager", LocalTaskManager)
-
-
 def _requests(lm, pairs):
     return [Instance(request_type="loglikelihood", doc={}, arguments=(c, x), idx=i) for i, (c, x) in enumerate(pairs)]
 
