@@ -134,3 +134,17 @@ def test_cli_exports_and_reports_errors(llama, tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["S", "XL"]
     assert main(["export-vllm", str(llama[1]), str(tmp_path / "out2"), "--budgets", "Q"]) == 2
     assert "unknown budget 'Q'" in capsys.readouterr().err
+
+
+def test_a_stale_egg_info_in_the_checkout_is_named(tmp_path):
+    """vLLM's subprocesses read the checkout's metadata first: one without the plugin entry point is refused by name."""
+    from balcony.vllm.launch import check_checkout_metadata
+
+    info = tmp_path / "src" / "balcony.egg-info"
+    check_checkout_metadata(tmp_path / "src")  # no egg-info at all: fine
+    info.mkdir(parents=True)
+    (info / "entry_points.txt").write_text("[console_scripts]\nbalcony = balcony.cli:main\n")
+    with pytest.raises(RuntimeError, match=r"balcony.egg-info/entry_points.txt has no vllm.general_plugins .* pip install -e"):
+        check_checkout_metadata(tmp_path / "src")
+    (info / "entry_points.txt").write_text("[vllm.general_plugins]\nbalcony = balcony.vllm.plugin:register\n")
+    check_checkout_metadata(tmp_path / "src")

@@ -46,6 +46,24 @@ def vllm_python(required: bool = True) -> str | None:
     return None
 
 
+def check_checkout_metadata(src: Path) -> None:
+    """Refuse a checkout whose ``src/balcony.egg-info`` lacks the vLLM plugin's entry point.
+
+    vLLM's subprocesses get ``src`` first on their path, so an egg-info left there by an older
+    ``pip install -e .`` is the metadata they read: vLLM then never loads the plugin and fails with a
+    list of the architectures it knows. Reinstalling writes a current one.
+
+    Raises:
+        RuntimeError: the egg-info is stale; the message names it and the command that refreshes it.
+    """
+    entry_points = src / "balcony.egg-info" / "entry_points.txt"
+    if entry_points.is_file() and "vllm.general_plugins" not in entry_points.read_text():
+        raise RuntimeError(
+            f"{entry_points} has no vllm.general_plugins entry, so vLLM would not load balcony's plugin: it was written "
+            f"by an older install. Refresh it: pip install -e {src.parent} --no-deps (then rerun scripts/setup_vllm.sh)"
+        )
+
+
 def vllm_env(threads: int | None = None, in_process: bool = False) -> dict[str, str]:
     """The environment for a vLLM subprocess: balcony's sources first on the path, CPU threads left unbound.
 
@@ -57,6 +75,7 @@ def vllm_env(threads: int | None = None, in_process: bool = False) -> dict[str, 
     env = dict(os.environ)
     src = REPO_ROOT / "src"
     if (src / "balcony").is_dir():  # a checkout: its sources win over whatever balcony that Python has installed
+        check_checkout_metadata(src)
         env["PYTHONPATH"] = str(src) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     # vLLM binds its OpenMP threads to fixed cores and reserves one for the front end; on a small shared
     # machine that serialises everything on one busy core (tests measured 37 s instead of 0.1 s for 16 tokens).
