@@ -132,17 +132,23 @@ def resolve_exits_dir(exits: str | os.PathLike, revision: str | None = None) -> 
         raise FileNotFoundError(f"exits {path!r} is neither a local directory nor a reachable hub repo: {e}") from e
 
 
+def architecture_diffs(config: BalconyConfig, actual: dict) -> list[str]:
+    """Every architecture field where a base (`actual`, an `architecture_summary`) differs from the one the exits were saved for."""
+    saved = config.base_architecture or {}
+    return [
+        f"{k}: exits have {saved.get(k)!r}, base has {actual.get(k)!r}"
+        for k in sorted(set(actual) | set(saved))
+        if saved.get(k) != actual.get(k)
+    ]
+
+
 def check_compatible(config: BalconyConfig, base: nn.Module, where: str = "these exits") -> None:
     """Refuse exits saved for a base with another architecture, naming every field that differs."""
     if config.base_architecture is None:
         return
     actual = architecture_summary(base.config)
     actual["num_hidden_layers"] = len(find_parts(base).layers)
-    diffs = [
-        f"{k}: exits have {config.base_architecture.get(k)!r}, base has {actual.get(k)!r}"
-        for k in sorted(set(actual) | set(config.base_architecture))
-        if config.base_architecture.get(k) != actual.get(k)
-    ]
+    diffs = architecture_diffs(config, actual)
     if diffs:
         raise ValueError(
             f"exits in {where} were saved for base {config.base_model_name_or_path!r}, "

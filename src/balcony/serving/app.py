@@ -20,7 +20,7 @@ import uuid
 from typing import TYPE_CHECKING, AsyncIterator
 
 from .body import parse_json, read_body
-from .config import AUTO, BUDGET_HEADER, SPECULATIVE_HEADER, ServeConfig
+from .config import BUDGET_HEADER, SPECULATIVE_HEADER, ServeConfig
 from .errors import ApiError, ClientGone, _timeout
 from .guard import Guard
 from .policy import AutoBudgetPolicy, PolicyConfig
@@ -203,23 +203,14 @@ def create_app(model: "BalconyModel", tokenizer, config: ServeConfig | None = No
         log.exception("unhandled error")
         return ApiError(500, f"The server had an error while processing your request: {type(exc).__name__}", type="server_error").response()
 
-    def model_card(model_id: str, budget: str | None) -> dict:
-        card = {"id": model_id, "object": "model", "created": 0, "owned_by": "balcony"}
-        if budget is None:
-            card.update(budget=frontend.default_budget or AUTO, budgets=list(frontend.budgets))
-        else:
-            card.update(budget=budget, exit_layer=frontend.budgets[budget], num_layers=model.num_layers)
-        card["context_length"] = frontend.context_length
-        return card
-
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [model_card(i, b) for i, b in frontend.model_ids()]}
+        return {"object": "list", "data": [frontend.model_card(i, b) for i, b in frontend.model_ids()]}
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str):
         budget, named = frontend.resolve_model(model_id)
-        return model_card(model_id, budget if named else None)
+        return frontend.model_card(model_id, budget if named else None)
 
     @app.get("/health")
     async def health():

@@ -147,6 +147,15 @@ class Frontend:
         """(id, budget) for each served model id; the bare name first (budget None = its default)."""
         return [(self.name, None)] + [(f"{self.name}:{b}", b) for b in self.budgets]
 
+    def model_card(self, model_id: str, budget: str | None) -> dict:
+        """The /v1/models entry of `model_id`: a budget's exit layer, or (budget None) the bare name's default and budgets."""
+        card = {"id": model_id, "object": "model", "created": 0, "owned_by": "balcony", "context_length": self.context_length}
+        if budget is None:
+            card.update(budget=self.default_budget or AUTO, budgets=list(self.budgets))
+        else:
+            card.update(budget=budget, exit_layer=self.budgets[budget], num_layers=self.model.num_layers)
+        return card
+
     def budget_name(self, value: str | int, param: str = "budget") -> str:
         """Canonical budget name for a name or exit layer.
 

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, AsyncIterator, Callable
 
-from .config import AUTO, BUDGET_HEADER, ServeConfig
+from .config import BUDGET_HEADER, ServeConfig
 from .body import parse_json, read_body
 from .errors import ApiError
 from .guard import Guard
@@ -217,11 +217,9 @@ def create_vllm_app(
         raise ApiError(503, f"No vLLM engine of the auto budgets is up ({down}).", type="server_error", code="budget_unavailable", headers={"Retry-After": "1"})
 
     def card(model_id: str, budget: str | None) -> dict:
-        out = {"id": model_id, "object": "model", "created": 0, "owned_by": "balcony", "context_length": frontend.context_length}
-        if budget is None:
-            out.update(budget=frontend.default_budget or AUTO, budgets=list(frontend.budgets))
-        else:
-            out.update(budget=budget, exit_layer=frontend.budgets[budget], num_layers=model.num_layers, engine="vllm", up=backends[budget].up)
+        out = frontend.model_card(model_id, budget)
+        if budget is not None:
+            out.update(engine="vllm", up=backends[budget].up)
         return out
 
     @app.get("/v1/models")

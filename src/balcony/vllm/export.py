@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from ..modeling.arch import architecture_summary, fingerprint
 from ..modeling.config import WEIGHTS_NAME, BalconyConfig
 from ..modeling.loading import DEFAULT_HUB_ID, default_model_path, is_default
-from ..modeling.saving import resolve_exits_dir
+from ..modeling.saving import architecture_diffs, resolve_exits_dir
 
 EXIT_FILE = "balcony_exit.safetensors"
 CONFIG_KEY = "balcony"
@@ -90,12 +90,7 @@ def check_base_config(config: BalconyConfig, base_config, base: str, where: str)
     """Refuse a base whose architecture differs from the one the exits were saved for, naming every field."""
     if config.base_architecture is None:
         return
-    actual = architecture_summary(base_config)
-    diffs = [
-        f"{k}: exits have {config.base_architecture.get(k)!r}, base has {actual.get(k)!r}"
-        for k in sorted(set(actual) | set(config.base_architecture))
-        if config.base_architecture.get(k) != actual.get(k)
-    ]
+    diffs = architecture_diffs(config, architecture_summary(base_config))
     if diffs:
         raise ValueError(
             f"exits in {where} were saved for base {config.base_model_name_or_path!r}, "
