@@ -471,3 +471,13 @@ def test_token_level_exits_per_request(server, tiny):
         assert got == 400 and resp["error"]["code"] == code and resp["error"]["param"] == param, (body, resp)
     got, _, resp = raw(port, "POST", "/v1/completions", '{"model": "%s", "prompt": "hi", "threshold": NaN}' % NAME)
     assert got == 400 and resp["error"]["param"] == "threshold"
+
+
+def test_token_level_exits_use_the_servers_exit_set(tiny):
+    """`ServeConfig.token_exits` (`balcony serve --auto-exits`): at threshold 0 every token leaves at the set's first exit."""
+    model, tok = tiny
+    with running(model, tok, token_exits=("M", "L")) as (port, _):
+        resp = client(port).completions.create(model=NAME, prompt="hello world", max_tokens=6, temperature=0, extra_body={"threshold": 0})
+        assert resp.choices[0].text == expected(model, tok, "hello world", "M", 6)
+    with pytest.raises(ValueError, match="unknown budget 'Q'"):
+        create_app(model, tok, ServeConfig(model_name=NAME, token_exits=("Q",)))

@@ -151,6 +151,26 @@ def test_model_generate_and_a_subset_of_exits():
                        model.generate(x, exit=None, max_new_tokens=6))
 
 
+def test_the_lm_head_runs_once_per_checked_exit_as_the_cost_model_counts():
+    """Whole-vocabulary confidence: the head that scored a leaving token also emits it (one head run per
+    exit checked). With a confidence vocabulary the full head runs once per token, to emit."""
+    model = make()
+    x = ids(t=6, seed=3)
+    tau = mixed_threshold(model, x)
+    runs = []
+    hook = model.parts.lm_head.register_forward_hook(lambda mod, inp, out: runs.append(inp[0].shape[:-1].numel()))
+    try:
+        _, stats = token_exit_generate(model, x, threshold=tau, max_new_tokens=10)
+        points = stats.checkpoints
+        assert len(stats.counts) > 1  # tokens left at several depths: the count below is not trivial
+        assert sum(runs) == sum((points.index(j) + 1) * c for j, c in stats.counts.items())
+        runs.clear()
+        _, stats = token_exit_generate(model, x, threshold=tau, confidence_vocab=20, max_new_tokens=10)
+        assert sum(runs) == stats.tokens == 10
+    finally:
+        hook.remove()
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
@@ -192,6 +212,12 @@ def test_teacher_forced_decisions_match_decoding():
     decided = [scores.checkpoints[k] for k in scores.decide(tau).tolist()]
     assert decided[x.shape[1] - 1 :] == layers[:-1] + decided[-1:] and decided[x.shape[1] - 1 : -1] == layers[:-1]
     assert len(set(layers)) >= 2
+    # With a subset of the exits, the same: decoding restricted to M and L decides where the lookup says.
+    out, stats = token_exit_generate(model, x, threshold=tau, exits=("M", "L"), max_new_tokens=12)
+    scores = token_scores_of_ids(model, [out[0].tolist()])
+    pts = scores.points([3, 5])
+    decided = [pts[k] for k in scores.decide(tau, [3, 5]).tolist()][x.shape[1] - 1 :]  # the 12 generated tokens
+    assert {j: decided.count(j) for j in set(decided)} == stats.counts and set(stats.counts) <= {3, 5, 6}
 
 
 def test_curve_endpoints_budgets_and_calibration():
@@ -234,6 +260,20 @@ def test_curve_endpoints_budgets_and_calibration():
     assert best.ideal_speedup >= max(p.ideal_speedup for p in grid)
     with pytest.raises(ValueError, match="target_agreement=1.5"):
         calibrate(scores, 1.5)
+    # A subset of the exits: at threshold 0 every token leaves at the subset's first exit, at that budget's cost.
+    m_only = curve(scores, [0.0, 0.5], exits=[3], budgets=False)
+    assert [p.label for p in m_only] == ["auto@0[M]", "auto@0.5[M]"] and m_only[0].exits == [3]
+    assert m_only[0].agreement == pytest.approx(pts["M"].agreement) and m_only[0].ideal_speedup == pytest.approx(pts["M"].ideal_speedup)
+    assert set(m_only[1].fractions) == {3, 6}
+    with pytest.raises(ValueError, match=r"exits=\[4\]: token-level exits were scored at exit layers \[2, 3, 5\]"):
+        curve(scores, [0.5], exits=[4])
+    # Searching the exit sets can only find a faster point for the same target, and says which set it used.
+    searched = calibrate(scores, target, search_exits=True)
+    assert searched.agreement >= target and searched.ideal_speedup >= best.ideal_speedup
+    for sub in ([2], [3], [5], [2, 5], [3, 5], [2, 3]):
+        ok = [p for p in curve(scores, [i / 200 for i in range(201)], exits=sub, budgets=False) if p.agreement >= target]
+        assert searched.ideal_speedup >= max([p.ideal_speedup for p in ok], default=0.0), sub
+    assert searched.exits is None or set(searched.exits) < {2, 3, 5}
     assert "auto@0.5" in format_curve(list(pts.values()))
     # The table stays aligned for long labels and plain early exit's astronomical perplexities.
     rows = [CurvePoint("auto@0.0626 (calibrated)", 0.0626, 15.3, 1.41, 1.66, 0.4226, 197.7, {14: 0.86, 30: 0.14}),
@@ -275,6 +315,11 @@ def test_cli_generate_bench_and_eval_with_thresholds(tmp_path, tiny_model_dir, c
     common = ["--model", str(tiny_model_dir), "--exits", str(tmp_path / "exits")]
     assert main(["generate", "hello world", *common, "--budget", "auto", "--threshold", "0.5", "--max-new-tokens", "4", "--no-chat"]) == 0
     assert "token-level exits at threshold 0.5" in capsys.readouterr().err
+    assert main(["generate", "hello world", *common, "--budget", "auto", "--threshold", "0", "--auto-exits", "M,L",
+                 "--max-new-tokens", "4", "--no-chat"]) == 0
+    assert "M 100%, L 0%, XL 0%" in capsys.readouterr().err  # threshold 0 with S excluded: every token leaves at M
+    assert main(["generate", "hello", *common, "--budget", "auto", "--auto-exits", "S,Q", "--max-new-tokens", "2"]) == 2
+    assert "'Q'" in capsys.readouterr().err
     bench_dir = tmp_path / "bench"
     assert main(["bench", *common, "--thresholds", "0,1", "--max-new-tokens", "3", "--repeats", "1", "--batch-size", "2",
                  "--no-hf", "--no-speculative", "--out", str(bench_dir)]) == 0
@@ -293,9 +338,16 @@ def test_cli_generate_bench_and_eval_with_thresholds(tmp_path, tiny_model_dir, c
     labels = [p["label"] for p in meta["token_exits"]]
     assert labels[:3] == ["auto@0", "auto@0.5", "auto@1"] and "L" in labels and "early-exit/S" in labels
     assert meta["calibrated"]["agreement"] >= meta["calibrated"]["target_agreement"]
+    searched = meta["calibrated_exit_set"]
+    assert searched["agreement"] >= searched["target_agreement"] and searched["ideal_speedup"] >= meta["calibrated"]["ideal_speedup"]
     by = {p["label"]: p for p in meta["token_exits"]}
     assert by["auto@1"]["measured_speedup"] == bench["token_exits"]["batch1"]["auto@1"]["speedup"]
     assert (out / "token_exits.png").stat().st_size > 1000
+    subset_dir = tmp_path / "bench-subset"
+    assert main(["bench", *common, "--thresholds", "0", "--auto-exits", "L", "--max-new-tokens", "3", "--repeats", "1",
+                 "--batch-size", "1", "--no-hf", "--no-speculative", "--out", str(subset_dir)]) == 0
+    rows = json.loads((subset_dir / "bench.json").read_text())["token_exits"]["batch1"]
+    assert rows["auto@0[L]"]["mean_layers"] == 5 and rows["auto@0[L]"]["agreement_along_text"] == rows["L"]["agreement_along_text"]
     assert main(["eval", *common, "--thresholds", "0.5,x", "--text", str(text)]) == 2
     assert "'x' is not a number" in capsys.readouterr().err
     assert main(["eval", *common, "--thresholds", "0.5"]) == 2

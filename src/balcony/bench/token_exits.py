@@ -18,7 +18,12 @@ import torch
 
 from ..inference.engine import generate_stream
 from ..inference.options import ExitPolicy
-from ..inference.token_exits import TokenExitStats, checkpoints, token_exit_stream
+from ..inference.token_exits import (
+    TokenExitStats,
+    auto_label,
+    checkpoints,
+    token_exit_stream,
+)
 from ..modeling.cost import ideal_speedup, token_exit_cost
 from ..modeling.model import BalconyModel
 from .measure import run_cases
@@ -76,10 +81,12 @@ def run_token_exit_bench(
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 2 to time decoding apart from prefill")
     policy = policy or ExitPolicy()
     points = checkpoints(model, policy)
+    names = {j: name for name, j in model.budgets.items()}
+    subset = None if policy.exits is None else [names.get(j, str(j)) for j in points[:-1]]
     cost = token_exit_cost(model, points, policy.confidence_vocab)
     full_cost = model.count_parameters(None) + model.parts.lm_head.weight.numel()
     result: dict = {"thresholds": [float(t) for t in thresholds], "max_new_tokens": max_new_tokens, "repeats": repeats,
-                    "checkpoints": points, "confidence_vocab": policy.confidence_vocab, "prompts": list(prompts)}
+                    "checkpoints": points, "exits": subset, "confidence_vocab": policy.confidence_vocab, "prompts": list(prompts)}
     for b in batch_sizes:
         groups = [list(prompts[i : i + b]) for i in range(0, len(prompts), b)]
         groups = [g for g in groups if len(g) == b] or [list(prompts[:b])]
@@ -106,7 +113,7 @@ def run_token_exit_bench(
         for name, j in model.budgets.items():
             cases[name] = timed(name, lambda ids, mask, j=j: generate_stream(model, ids, mask, exit=j, max_new_tokens=max_new_tokens))
         for tau in thresholds:
-            key = f"auto@{float(tau):g}"
+            key = auto_label(float(tau), subset)
 
             def stream(ids, mask, tau=tau, key=key):
                 stats[key] = TokenExitStats(points)

@@ -13,7 +13,7 @@ from ..bench.speed import run_bench
 from ..bench.token_exits import format_token_exit_bench, run_token_exit_bench
 from ..inference.options import DraftOptions, ExitPolicy
 from ..inference.quantize import parse_mode
-from .common import build_model, parse_floats
+from .common import build_model, parse_exits, parse_floats
 from .registry import command
 
 
@@ -39,6 +39,7 @@ def bench(
     compile: bool = False,
     thresholds: str | None = None,
     confidence_vocab: int | None = None,
+    auto_exits: str | None = None,
     compile_backend: str = "inductor",
     device: str | None = None,
     dtype: str = "auto",
@@ -67,6 +68,7 @@ def bench(
         compile: Also time every budget with its decode step through torch.compile (inductor; CUDA graphs on CUDA; compiling takes a minute or more per budget on CPU).
         thresholds: Also time token-level exits at these thresholds (comma-separated, e.g. 0.5,0.7,0.9) on chat prompts at batch 1 and --batch-size, beside every fixed budget, with agreement along the generated text.
         confidence_vocab: Token-level exits score confidence over the first this many token ids only (e.g. 8192; default all).
+        auto_exits: Token-level exits may stop a token only at these exits, comma-separated (e.g. S,L; default all).
         compile_backend: The torch.compile backend of --compile (inductor; eager or aot_eager only trace, for quick checks).
         device: cpu, cuda, cuda:1, mps (default: CUDA, then MPS, else the CPU).
         dtype: Weights dtype: auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16.
@@ -91,7 +93,7 @@ def bench(
     if taus:
         result["token_exits"] = run_token_exit_bench(
             m, tok, taus, batch_sizes=sorted({1, batch_size}), max_new_tokens=max_new_tokens, repeats=repeats,
-            policy=ExitPolicy(confidence_vocab=confidence_vocab), log=lambda s: print(s, file=sys.stderr),
+            policy=ExitPolicy(confidence_vocab=confidence_vocab, exits=parse_exits(auto_exits, "--auto-exits")), log=lambda s: print(s, file=sys.stderr),
         )
     print(format_table(result))
     if taus:

@@ -59,6 +59,19 @@ def encode_prompt(tok, prompt: str, chat: bool) -> torch.Tensor:
     return tok(prompt, return_tensors="pt").input_ids
 
 
+def parse_exits(text: str | None, option: str) -> tuple[int | str, ...] | None:
+    """``"S,L"`` or ``"14,20"`` -> ("S", "L") / (14, 20), for `ExitPolicy.exits`; None or "all" -> None (every exit).
+
+    The names are resolved against the model where they are used, so an unknown one is named there.
+    """
+    if text is None or str(text).strip().lower() in ("", "all"):
+        return None
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise ValueError(f"{option} {text!r} names no exit; give budget names or layers, e.g. S,L")
+    return tuple(int(t) if t.isdigit() else t for t in items)
+
+
 def parse_floats(text: str, option: str) -> list[float]:
     """``"0.5,0.7"`` -> [0.5, 0.7]; a clear error naming `option` and the bad item otherwise."""
     out = []

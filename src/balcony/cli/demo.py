@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..eval.run import run_evaluation
 from ..eval.thresholds import calibrate, token_scores
+from ..inference.token_exits import auto_label
 from ..modeling.cost import ideal_speedup
 from ..modeling.loading import load_base
 from ..modeling.model import BalconyModel
@@ -29,23 +30,28 @@ from .registry import command
 DEMO_PROMPT = "Explain in two sentences why the sky is blue."
 
 
-def answer_at_every_budget(model, tok, prompt: str, max_new_tokens: int, threshold: float | None = None) -> list[dict]:
-    """Greedy answer per budget (and with token-level exits at `threshold`), with decode speed and speed-up over the full model."""
+def answer_at_every_budget(model, tok, prompt: str, max_new_tokens: int, threshold: float | None = None,
+                           auto_exits: list[int] | None = None) -> list[dict]:
+    """Greedy answer per budget (and with token-level exits at `threshold`, stopping only at `auto_exits`
+    when given), with decode speed and speed-up over the full model."""
     ids = encode_prompt(tok, prompt, chat=True)
     model.generate(ids, exit=None, max_new_tokens=4)  # warm-up
     rows = []
+    names = {j: name for name, j in model.budgets.items()}
     runs = [(name, j) for name, j in model.budgets.items()] + ([("auto", "auto")] if threshold is not None else [])
     for name, j in runs:
         t0 = time.perf_counter()
         if j == "auto":
-            out, stats = model.generate(ids, exit="auto", threshold=threshold, max_new_tokens=max_new_tokens, eos_token_id=None, return_stats=True)
+            out, stats = model.generate(ids, exit="auto", threshold=threshold, exits=auto_exits, max_new_tokens=max_new_tokens,
+                                        eos_token_id=None, return_stats=True)
             layer, ideal = stats.mean_layers, None
         else:
             out = model.generate(ids, exit=j, max_new_tokens=max_new_tokens, eos_token_id=None)
             layer, ideal = j, ideal_speedup(model, j)
         dt = time.perf_counter() - t0
         text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).replace("\n", " ")
-        rows.append({"budget": name if j != "auto" else f"auto@{threshold:.2g}", "layer": layer, "tokens_per_s": max_new_tokens / dt,
+        label = auto_label(float(f"{threshold:.2g}"), auto_exits and [names[k] for k in auto_exits]) if j == "auto" else name
+        rows.append({"budget": label, "layer": layer, "tokens_per_s": max_new_tokens / dt,
                      "ideal_speedup": ideal, "text": text})
     full = next(r["tokens_per_s"] for r in rows if r["layer"] == model.num_layers and not str(r["budget"]).startswith("auto"))
     for r in rows:
@@ -104,8 +110,9 @@ def demo(
     if texts:  # token-level exits: the fastest threshold that matches the largest exit's agreement on held-out text
         scores = token_scores(m, tok, texts, seq_len=cfg.seq_len, max_tokens=cfg.eval_tokens)
         largest = scores.checkpoints[-2]
-        calibrated = calibrate(scores, float(scores.agree[largest].mean()))
-    rows = answer_at_every_budget(m, tok, prompt, max_new_tokens, None if calibrated is None else calibrated.threshold)
+        calibrated = calibrate(scores, float(scores.agree[largest].mean()), search_exits=True)
+    rows = answer_at_every_budget(m, tok, prompt, max_new_tokens, None if calibrated is None else calibrated.threshold,
+                                  None if calibrated is None else calibrated.exits)
     print(f"prompt: {prompt!r}")
     print(f"{'budget':<10}{'layers':>7}{'tok/s':>8}{'speed-up':>10}{'ideal':>8}  output")
     for r in rows:
@@ -113,7 +120,9 @@ def demo(
         print(f"{r['budget']:<10}{r['layer']:>7.1f}{r['tokens_per_s']:>8.1f}{r['speedup']:>9.2f}x{ideal:>8}  {r['text'][:70]}")
     if calibrated is not None:
         name = next(n for n, j in m.budgets.items() if j == largest)
-        print(f"auto: token-level exits at threshold {calibrated.threshold:.3g}, calibrated on {scores.positions:,} held-out tokens "
+        names = {j: n for n, j in m.budgets.items()}
+        where = "" if calibrated.exits is None else f" (stopping only at {', '.join(names[j] for j in calibrated.exits)})"
+        print(f"auto: token-level exits at threshold {calibrated.threshold:.3g}{where}, calibrated on {scores.positions:,} held-out tokens "
               f"to match {name}'s top-1 agreement ({100 * calibrated.agreement:.1f}% there; layers per token: the mean depth "
               f"where each answer token was decided)")
     Path(output_dir, "demo_answers.json").write_text(json.dumps(rows, indent=2))

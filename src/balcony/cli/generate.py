@@ -15,7 +15,7 @@ from ..inference.token_exits import (
     checkpoints,
     token_exit_stream,
 )
-from .common import build_model, encode_prompt
+from .common import build_model, encode_prompt, parse_exits
 from .registry import command
 
 
@@ -42,6 +42,7 @@ def generate(
     quantize: str | None = None,
     threshold: float = 0.9,
     confidence_vocab: int | None = None,
+    auto_exits: str | None = None,
     device: str | None = None,
     dtype: str = "auto",
 ) -> int:
@@ -69,6 +70,7 @@ def generate(
         quantize: Weight-only quantization: int8 (per channel) or int4 (groups of 32; int4-64, int4-128).
         threshold: With --budget auto: a token leaves at the first exit whose top-1 probability is above this (0: always the first exit, 1: never early).
         confidence_vocab: With --budget auto: score confidence over the first this many token ids only (a cheaper check; e.g. 8192).
+        auto_exits: With --budget auto: only these exits may stop a token, comma-separated (e.g. S,L; default all; `balcony eval --calibrate` says which pay).
         device: cpu, cuda, cuda:1, mps (default: CUDA, then MPS, else the CPU).
         dtype: Weights dtype: auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16.
     """
@@ -86,7 +88,7 @@ def generate(
     )
     stats = token_stats = None
     if auto:
-        policy = ExitPolicy(threshold=threshold, confidence_vocab=confidence_vocab)
+        policy = ExitPolicy(threshold=threshold, confidence_vocab=confidence_vocab, exits=parse_exits(auto_exits, "--auto-exits"))
         token_stats = TokenExitStats(checkpoints(m, policy))
         stream = token_exit_stream(m, ids, policy=policy, stats=token_stats, **common)
     elif speculative:

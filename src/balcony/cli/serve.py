@@ -14,7 +14,7 @@ from ..serving.guard import (
     exposure_warning,
     resolve_api_key,
 )
-from .common import build_model
+from .common import build_model, parse_exits
 from .registry import command
 
 
@@ -50,6 +50,8 @@ def serve(
     max_body_mb: float = 8.0,
     prefill_chunk: int = 256,
     chat_special_tokens: bool = False,
+    auto_exits: str | None = None,
+    confidence_vocab: int | None = None,
     dtype: str = "auto",
     device: str | None = None,
     log_level: str = "info",
@@ -86,6 +88,8 @@ def serve(
         max_body_mb: Largest request body in MiB; larger ones get 413 before they are read.
         prefill_chunk: Prompt tokens per prefill pass; between passes, requests past their timeout or whose client left are dropped (0: one pass).
         chat_special_tokens: Parse control tokens such as <|im_end|> inside chat message content as control tokens (unsafe: a user can forge a system turn); by default they are plain text.
+        auto_exits: Requests with a "threshold" (token-level exits) stop only at these exits, comma-separated (e.g. S,L; default all; `balcony eval --calibrate` says which pay).
+        confidence_vocab: Token-level exits score confidence over the first this many token ids only (e.g. 8192; default all).
         dtype: Weights dtype: auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16.
         device: cpu, cuda, cuda:1, mps (default: CUDA, then MPS, else the CPU).
         log_level: uvicorn/balcony log level (debug, info, warning).
@@ -128,6 +132,8 @@ def serve(
         max_body_bytes=int(max_body_mb * 2**20),
         prefill_chunk=prefill_chunk or None,
         chat_special_tokens=chat_special_tokens,
+        token_exits=parse_exits(auto_exits, "--auto-exits"),
+        confidence_vocab=confidence_vocab,
     )
     if engine == "vllm":
         from .serve_vllm import vllm_app

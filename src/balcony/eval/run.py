@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ..inference.options import ExitPolicy
+from ..inference.token_exits import auto_label
 from .harness import ENGINES, evaluate_tasks, resolve_tasks
 from .report import RESULT_FILES, EvalReport, make_report
 from .texts import distillation_metrics, load_texts
@@ -228,10 +229,14 @@ def run_evaluation(
         points = curve(scores, thresholds, model=m)
         if calibrate:
             target = _target_agreement(calibrate, scores, m)
-            best = calibrate_threshold(scores, target)
+            best = calibrate_threshold(scores, target)  # every exit may stop a token
             best.label = f"auto@{best.threshold:.4g} (calibrated)"
-            points.insert(len(thresholds), best)
+            searched = calibrate_threshold(scores, target, search_exits=True)  # and which exits pay to check
+            named = None if searched.exits is None else [scores.budgets.get(j, str(j)) for j in searched.exits]
+            searched.label = auto_label(float(f"{searched.threshold:.4g}"), named) + " (calibrated, exit set searched)"
+            points[len(thresholds):len(thresholds)] = [best] + ([searched] if searched.exits is not None else [])
             meta["calibrated"] = {"target": calibrate, "target_agreement": target, **best.to_dict()}
+            meta["calibrated_exit_set"] = {"target": calibrate, "target_agreement": target, "exit_names": named, **searched.to_dict()}
         measured = _measured_token_speedups(bench_json) if bench_json else {}
         for p in points:
             key = p.label.split(" ")[0] if p.threshold is not None else p.label

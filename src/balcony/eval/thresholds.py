@@ -10,6 +10,7 @@ makes choosing a threshold for a target (`calibrate`) cheap: one pass over a hel
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
@@ -18,12 +19,15 @@ import torch
 
 from ..inference.options import ExitPolicy
 from ..inference.quantize import head_rows
-from ..inference.token_exits import checkpoints, confidence
+from ..inference.token_exits import auto_label, checkpoints, confidence
 from ..metrics import kl_per_token
 from ..modeling.cost import ideal_speedup, token_exit_cost
 from ..modeling.model import BalconyModel
 from .texts import text_windows
 from .variants import EARLY_EXIT, FULL, build_variants, exit_hidden_states
+
+MAX_SEARCHED_EXITS = 6
+"""`calibrate` searches every subset of the exits up to this many exits (2**6 - 1 = 63 sets)."""
 
 
 @dataclass
@@ -37,6 +41,9 @@ class TokenScores:
             token; keys are exit layers (N: the full model) and ``"early-exit/<layer>"``.
         cost: layer -> per-token compute of a token decided there (`modeling.cost.token_exit_cost`).
         full_cost: per-token compute of the full model.
+        budgets: layer -> budget name.
+        subset_costs: exit layers (ascending) -> `cost` when only those exits may stop a token, for every
+            non-empty subset of the exits (up to `MAX_SEARCHED_EXITS` exits).
     """
 
     checkpoints: list[int]
@@ -47,18 +54,45 @@ class TokenScores:
     cost: dict[int, int]
     full_cost: int
     budgets: dict[int, str] = field(default_factory=dict)
+    subset_costs: dict[tuple[int, ...], dict[int, int]] = field(default_factory=dict)
 
     @property
     def positions(self) -> int:
         return int(next(iter(self.conf.values())).numel())
 
-    def decide(self, threshold: float) -> torch.Tensor:
-        """(P,) index into `checkpoints` of the exit each position leaves at."""
-        n = len(self.checkpoints) - 1
+    def points(self, exits: Sequence[int] | None = None) -> list[int]:
+        """The checkpoints when only `exits` (exit layers; None: all) may stop a token, then N.
+
+        Raises:
+            ValueError: an exit layer that was not scored (named, with the scored ones).
+        """
+        if exits is None:
+            return list(self.checkpoints)
+        scored = self.checkpoints[:-1]
+        bad = [j for j in exits if j not in scored]
+        if bad or not exits:
+            raise ValueError(f"exits={list(exits)!r}: token-level exits were scored at exit layers {scored}")
+        return sorted(set(exits)) + [self.checkpoints[-1]]
+
+    def decide(self, threshold: float, exits: Sequence[int] | None = None) -> torch.Tensor:
+        """(P,) index into `points(exits)` of the exit each position leaves at."""
+        pts = self.points(exits)
+        n = len(pts) - 1
         choice = torch.full((self.positions,), n, dtype=torch.long)
         for k in reversed(range(n)):  # the first confident exit wins
-            choice = torch.where(self.conf[self.checkpoints[k]] > threshold, torch.tensor(k), choice)
+            choice = torch.where(self.conf[pts[k]] > threshold, torch.tensor(k), choice)
         return choice
+
+    def costs(self, exits: Sequence[int] | None = None) -> dict[int, int]:
+        """layer -> per-token compute of a token decided there, when only `exits` may stop a token."""
+        pts = self.points(exits)
+        if pts == self.checkpoints:
+            return self.cost
+        key = tuple(pts[:-1])
+        if key not in self.subset_costs:
+            raise ValueError(f"exits={list(key)!r}: no compute was recorded for this exit set (more than "
+                             f"{MAX_SEARCHED_EXITS} exits were scored)")
+        return self.subset_costs[key]
 
 
 @dataclass
@@ -74,6 +108,7 @@ class CurvePoint:
     ppl: float
     fractions: dict[int, float] = field(default_factory=dict)
     measured_speedup: float | None = None
+    exits: list[int] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -151,10 +186,12 @@ def token_scores_of_ids(
                     conf[k].append(confidence(score_head(rows[k][c : c + chunk])).cpu())
     cat = {name: {k: torch.cat(v).cpu() for k, v in d.items()} for name, d in acc.items()}
     budgets = {j: name for name, j in model.budgets.items()}
+    exits = points[:-1]
+    subsets = [c for r in range(1, len(exits) + 1) for c in itertools.combinations(exits, r)] if len(exits) <= MAX_SEARCHED_EXITS else []
     return TokenScores(
         checkpoints=points, conf={j: torch.cat(v) for j, v in conf.items()}, kl=cat["kl"], agree=cat["agree"], nll=cat["nll"],
         cost=token_exit_cost(model, points, policy.confidence_vocab), full_cost=model.count_parameters(None) + head.weight.numel(),
-        budgets=budgets,
+        budgets=budgets, subset_costs={c: token_exit_cost(model, [*c, n], policy.confidence_vocab) for c in subsets},
     )
 
 
@@ -162,28 +199,33 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))  # float32 at least; float64 stays float64
 
 
-def curve(scores: TokenScores, thresholds: Sequence[float], *, model: BalconyModel | None = None) -> list[CurvePoint]:
-    """Each threshold's point (mean layers, ideal speed-up, KL, agreement, perplexity), then each fixed
-    budget and plain early exit at the same layers (their ideal speed-up needs `model`)."""
+def curve(scores: TokenScores, thresholds: Sequence[float], *, model: BalconyModel | None = None,
+          exits: Sequence[int] | None = None, budgets: bool = True) -> list[CurvePoint]:
+    """Each threshold's point (mean layers, ideal speed-up, KL, agreement, perplexity), then (with
+    `budgets`) each fixed budget and plain early exit at the same layers (their ideal speed-up needs
+    `model`). `exits`: only these exit layers may stop a token (None: every scored exit)."""
     out = []
-    pts = scores.checkpoints
+    pts = scores.points(exits)
+    table_cost = scores.costs(exits)
+    subset = None if pts == scores.checkpoints else pts[:-1]
+    names = None if subset is None else [scores.budgets.get(j, str(j)) for j in subset]
+    idx = torch.arange(scores.positions)
+    kl, agree, nll = (torch.stack([table[j] for j in pts]) for table in (scores.kl, scores.agree, scores.nll))
+    depth = torch.tensor(pts, dtype=torch.float)
+    per_token = torch.tensor([float(table_cost[j]) for j in pts])
     for tau in thresholds:
         if not 0.0 <= float(tau) <= 1.0:
             raise ValueError(f"threshold {tau!r} is outside [0, 1]")
-        choice = scores.decide(float(tau))
-        idx = torch.arange(scores.positions)
-
-        def pick(table: dict) -> torch.Tensor:
-            return torch.stack([table[j] for j in pts])[choice, idx]
-
-        layers = torch.tensor(pts, dtype=torch.float)[choice]
-        cost = torch.tensor([float(scores.cost[j]) for j in pts])[choice]
+        choice = scores.decide(float(tau), exits)
         out.append(CurvePoint(
-            label=f"auto@{float(tau):g}", threshold=float(tau), mean_layers=float(layers.mean()),
-            ideal_speedup=scores.full_cost / float(cost.mean()), kl=float(pick(scores.kl).mean()),
-            agreement=float(pick(scores.agree).mean()), ppl=math.exp(float(pick(scores.nll).mean())),
-            fractions={j: float((choice == k).float().mean()) for k, j in enumerate(pts)},
+            label=auto_label(float(tau), names), threshold=float(tau), mean_layers=float(depth[choice].mean()),
+            ideal_speedup=scores.full_cost / float(per_token[choice].mean()), kl=float(kl[choice, idx].mean()),
+            agreement=float(agree[choice, idx].mean()), ppl=math.exp(float(nll[choice, idx].mean())),
+            fractions={j: float((choice == k).float().mean()) for k, j in enumerate(pts)}, exits=subset,
         ))
+    if not budgets:
+        return out
+    pts = scores.checkpoints
     for key in pts + [f"{EARLY_EXIT}/{j}" for j in pts[:-1]]:
         layer = key if isinstance(key, int) else int(key.split("/")[1])
         name = FULL if layer == pts[-1] else (scores.budgets.get(layer, str(layer)) if isinstance(key, int) else key.split("/")[0] + "/" + scores.budgets.get(layer, str(layer)))
@@ -195,8 +237,12 @@ def curve(scores: TokenScores, thresholds: Sequence[float], *, model: BalconyMod
     return out
 
 
-def calibrate(scores: TokenScores, target_agreement: float, *, grid: int = 200) -> CurvePoint:
+def calibrate(scores: TokenScores, target_agreement: float, *, grid: int = 200, search_exits: bool = False) -> CurvePoint:
     """The threshold with the highest ideal speed-up whose agreement reaches `target_agreement`.
+
+    With `search_exits`, also which exits may stop a token: every non-empty subset of the scored exits
+    is tried (checking an exit costs its layer and a head; skipping the check can pay), and the point
+    names its subset in `exits` (None: all of them).
 
     Raises:
         ValueError: no threshold reaches it (the full model always does, so only a target above 1).
@@ -204,11 +250,16 @@ def calibrate(scores: TokenScores, target_agreement: float, *, grid: int = 200) 
     Example:
         >>> calibrate(scores, target_agreement=0.574).threshold  # doctest: +SKIP
         0.41
+        >>> calibrate(scores, target_agreement=0.574, search_exits=True).exits  # doctest: +SKIP
+        [14, 20]
     """
     if not 0.0 <= target_agreement <= 1.0:
         raise ValueError(f"target_agreement={target_agreement!r} must be a fraction in [0, 1]")
     taus = sorted({round(i / grid, 6) for i in range(grid + 1)} | {float(q) for q in _quantiles(scores, grid)})
-    ok = [p for p in curve(scores, taus) if p.threshold is not None and p.agreement >= target_agreement]
+    sets: list[Sequence[int] | None] = [None]
+    if search_exits:
+        sets += [list(c) for c in scores.subset_costs if list(c) != scores.checkpoints[:-1]]
+    ok = [p for s in sets for p in curve(scores, taus, exits=s, budgets=False) if p.agreement >= target_agreement]
     if not ok:
         raise ValueError(f"no threshold reaches agreement {target_agreement:.3f} on this sample")
     return max(ok, key=lambda p: (p.ideal_speedup, p.agreement))

@@ -27,7 +27,7 @@ row left?" is one host sync per checkpoint, the price of a data-dependent depth.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -78,6 +78,12 @@ class TokenExitStats:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "tokens": self.tokens, "mean_layers": self.mean_layers}
+
+
+def auto_label(threshold: float, exits: Sequence[str] | None = None) -> str:
+    """The name of token-level exits at `threshold` in tables and benchmarks: ``auto@0.8``, or ``auto@0.8[S,L]``
+    when only the exits named in `exits` may stop a token."""
+    return f"auto@{float(threshold):g}" + ("" if not exits else "[" + ",".join(str(e) for e in exits) + "]")
 
 
 def confidence(logits: torch.Tensor) -> torch.Tensor:
@@ -175,9 +181,11 @@ def token_exit_stream(
                 saved[j] = out.new_empty(b, max_len, out.shape[-1])
             saved[j][:, start:end] = out
             e = run_exit(model, state, span, out, j)[:, -1:]  # (B, 1, H); exit j's cache filled for the span
-            leave = ~done & (confidence(score_head(e)[:, -1]) > tau)
+            scored = score_head(e)[:, -1]
+            leave = ~done & (confidence(scored) > tau)
             if bool(leave.any()):  # host sync: the depth of the step depends on it
-                chosen = sample(head(e)[:, -1], cfg, opts.generator)
+                # The head that scored the whole vocabulary already gave the logits to emit from: not run twice.
+                chosen = sample(scored if score_head is head else head(e)[:, -1], cfg, opts.generator)
                 token = torch.where(leave, chosen, token)
                 stats.counts[j] = stats.counts.get(j, 0) + int(leave.sum())
                 done = done | leave

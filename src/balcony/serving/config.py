@@ -43,6 +43,9 @@ class ServeConfig:
         allowed_origins: Browser origins allowed besides the server's own (``*``: any); they get CORS headers.
         chat_special_tokens: Parse control tokens (e.g. ``<|im_end|>``) inside chat message content as
             control tokens, as before; by default they are plain text, so a user cannot forge a turn.
+        token_exits: Requests with a ``threshold`` (token-level exits) may stop only at these exits (names
+            or layers; None: every exit), e.g. the set `balcony eval --calibrate` chose.
+        confidence_vocab: Token-level exits score confidence over the first this many token ids (None: all).
     """
 
     model_name: str = "balcony"
@@ -67,6 +70,8 @@ class ServeConfig:
     allowed_hosts: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
     chat_special_tokens: bool = False
+    token_exits: tuple[int | str, ...] | None = None
+    confidence_vocab: int | None = None
 
     def __post_init__(self) -> None:
         self.allowed_hosts = tuple(self.allowed_hosts)

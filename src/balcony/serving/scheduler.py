@@ -25,9 +25,9 @@ if TYPE_CHECKING:  # heavy imports stay lazy: the CLI imports this module on eve
 
     from ..modeling.model import BalconyModel
 from ..inference.engine import generate_stream
-from ..inference.options import DecodeOptions
+from ..inference.options import DecodeOptions, ExitPolicy
 from ..inference.speculative import speculative_stream
-from ..inference.token_exits import token_exit_stream
+from ..inference.token_exits import checkpoints, token_exit_stream
 from .config import ServeConfig
 from .errors import ApiError, SpeculativeUnavailable, _queue_full, _timeout
 from .prometheus import BATCH_BUCKETS, Metrics
@@ -129,6 +129,7 @@ def decode_tokens(
     prefill_chunk: int | None = None,
     cancel: Callable[[], bool] | None = None,
     threshold: float | None = None,
+    policy: ExitPolicy | None = None,
 ) -> Iterator["torch.Tensor"]:
     """Yield (B,) tokens per step: the server's one call into the decoder.
 
@@ -150,6 +151,7 @@ def decode_tokens(
             Speculative decoding prefills in one pass and is stopped between tokens by the caller.
         threshold: Token-level exits at this threshold (`exit` is then ignored): each token leaves at the first
             exit confident enough. The prompt is prefilled in one pass; `cancel` is asked between steps.
+        policy: Which exits may stop a token and how confidence is scored (its threshold is replaced by `threshold`).
 
     Raises:
         SpeculativeUnavailable: `speculative` was asked and this build cannot do it.
@@ -160,7 +162,7 @@ def decode_tokens(
         eos_token_id=eos_token_id, generator=generator,
     )
     if threshold is not None:
-        yield from token_exit_stream(model, input_ids, attention_mask, options=options, threshold=threshold, cancel=cancel)
+        yield from token_exit_stream(model, input_ids, attention_mask, options=options, policy=policy, threshold=threshold, cancel=cancel)
         return
     if not speculative:
         yield from generate_stream(model, input_ids, attention_mask, exit=exit, options=options.replace(prefill_chunk=prefill_chunk), cancel=cancel)
@@ -196,6 +198,10 @@ class Scheduler:
         self.config = config
         self.policy = policy
         self.metrics = metrics
+        # Token-level exits' policy for requests with a threshold; a bad exit name fails here, at start-up.
+        self.exit_policy = ExitPolicy(exits=config.token_exits, confidence_vocab=config.confidence_vocab)
+        if config.token_exits is not None:
+            checkpoints(model, self.exit_policy)
         self.speculative_error: str | None = None
         self.ready = threading.Event()
         self._waiting: list[Job] = []
@@ -435,7 +441,7 @@ class Scheduler:
             self.model, ids, mask, exit=self.model.budgets.get(budget, self.model.num_layers),
             max_new_tokens=max(job.max_tokens for job in batch), sampling=head.sampling, eos_token_id=self.eos_ids,
             generator=generator, speculative=speculative, prefill_chunk=self.config.prefill_chunk, cancel=abandon,
-            threshold=head.threshold,
+            threshold=head.threshold, policy=self.exit_policy,
         )
         eos = set(self.eos_ids)
         active = [True] * len(batch)
