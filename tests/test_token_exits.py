@@ -14,7 +14,7 @@ from balcony import (
     token_exit_generate,
 )
 from balcony.inference.cache import StaticKVCache
-from balcony.inference.token_exits import checkpoints, confidence
+from balcony.inference.token_exits import TokenExitStats, checkpoints, confidence
 
 EXITS = [2, 3, 5]
 
@@ -220,6 +220,45 @@ def test_teacher_forced_decisions_match_decoding():
     assert {j: decided.count(j) for j in set(decided)} == stats.counts and set(stats.counts) <= {3, 5, 6}
 
 
+def test_teacher_forced_decoding_yields_what_the_lookup_scores():
+    """Feeding a text's tokens (`teacher_tokens`): the fixed budget yields its teacher-forced argmax, and token-level
+    exits decide at the depths and emit the tokens the per-position lookup over the same text gives."""
+    from balcony.eval.thresholds import token_scores_of_ids
+    from balcony.inference.engine import generate_stream
+    from balcony.inference.token_exits import token_exit_stream
+
+    model = make()
+    text = ids(1, 20, seed=9)
+    prompt, fed = text[:, :8], text[:, 8:]
+    new = fed.shape[1] + 1
+    with torch.no_grad():
+        for budget in ("S", None):
+            got = torch.stack(list(generate_stream(model, prompt, exit=budget, max_new_tokens=new, teacher_tokens=fed)), 1)
+            assert torch.equal(got[0], model(text, exit=budget).logits[0, 7:].argmax(-1)), budget
+    tau = mixed_threshold(model, text)
+    stats = TokenExitStats(checkpoints(model, ExitPolicy()))
+    got = torch.stack(list(token_exit_stream(model, prompt, threshold=tau, max_new_tokens=new, teacher_tokens=fed, stats=stats)), 1)
+    scores = token_scores_of_ids(model, [text[0].tolist()])
+    decided = [scores.checkpoints[k] for k in scores.decide(tau).tolist()][7:]  # positions 7..18 (19 has no next token)
+    every = decided + [stats_last(stats, model, text, tau)]  # and the last yield, which predicts past the text
+    assert {j: every.count(j) for j in set(every)} == stats.counts
+    assert len(set(decided)) >= 2
+    with torch.no_grad():
+        by_layer = {j: model(text, exit=j).logits[0, 7:].argmax(-1) for j in scores.checkpoints}
+    assert got[0, :-1].tolist() == [int(by_layer[j][i]) for i, j in enumerate(decided)]
+    with pytest.raises(ValueError, match=r"teacher_tokens has shape \(1, 3\)"):
+        list(token_exit_stream(model, prompt, threshold=tau, max_new_tokens=new, teacher_tokens=fed[:, :3]))
+
+
+def stats_last(stats, model, text, tau):
+    """The depth at which the last yielded token (predicting past the text's end) was decided."""
+    with torch.no_grad():
+        for j in stats.checkpoints[:-1]:
+            if float(confidence(model(text, exit=j).logits[:, -1])) > tau:
+                return j
+    return stats.checkpoints[-1]
+
+
 def test_curve_endpoints_budgets_and_calibration():
     from balcony.eval.thresholds import (
         CurvePoint,
@@ -301,6 +340,22 @@ def test_bench_measures_every_threshold_and_budget():
         assert rows["auto@0"]["mean_layers"] == 2 and rows["auto@1"]["mean_layers"] == 6
         assert all(r["decode_tok_s"] > 0 for r in rows.values())
     assert "auto@0" in format_token_exit_bench(result)
+    # Along a held-out text (teacher-forced): every run is fed the same tokens, so agreement is the text's.
+    g = torch.Generator().manual_seed(4)
+    windows = torch.randint(3, len(tok), (4, 9), generator=g).tolist()
+    result = run_token_exit_bench(model, tok, [0.0, 1.0], prompts=prompts, batch_sizes=(1, 2), max_new_tokens=5, repeats=1,
+                                  text_windows=windows, log=lambda s: None)
+    for b in ("text_batch1", "text_batch2"):
+        rows = result[b]
+        assert rows["auto@1"]["agreement_along_text"] == 1.0 and rows["auto@0"]["mean_layers"] == 2
+        assert rows["auto@0"]["agreement_along_text"] == rows["S"]["agreement_along_text"] < 1.0
+    with torch.no_grad():  # each window: a 5-token prompt, 4 fed tokens; the 5 yields are positions 4..8 of one forward
+        w = torch.tensor(windows)
+        same = (model(w, exit="S").logits[:, 4:].argmax(-1) == model(w, exit=None).logits[:, 4:].argmax(-1)).sum()
+    assert result["text_batch1"]["S"]["agreement_along_text"] == pytest.approx(float(same) / 20)
+    assert "text_batch2:" in format_token_exit_bench(result)
+    with pytest.raises(ValueError, match="each needs >= max_new_tokens \\+ 1 = 10"):
+        run_token_exit_bench(model, tok, [0.5], prompts=prompts, max_new_tokens=9, text_windows=windows, log=lambda s: None)
 
 
 def test_cli_generate_bench_and_eval_with_thresholds(tmp_path, tiny_model_dir, capsys):
@@ -348,6 +403,13 @@ def test_cli_generate_bench_and_eval_with_thresholds(tmp_path, tiny_model_dir, c
                  "--batch-size", "1", "--no-hf", "--no-speculative", "--out", str(subset_dir)]) == 0
     rows = json.loads((subset_dir / "bench.json").read_text())["token_exits"]["batch1"]
     assert rows["auto@0[L]"]["mean_layers"] == 5 and rows["auto@0[L]"]["agreement_along_text"] == rows["L"]["agreement_along_text"]
+    text_dir = tmp_path / "bench-text"
+    assert main(["bench", *common, "--thresholds", "0,1", "--text", str(text), "--text-windows", "3", "--prompt-tokens", "6",
+                 "--max-new-tokens", "3", "--repeats", "1", "--batch-size", "1", "--no-hf", "--no-speculative", "--out", str(text_dir)]) == 0
+    runs = json.loads((text_dir / "bench.json").read_text())["token_exits"]
+    assert runs["text_windows"] == 3 and runs["text_batch1"]["auto@1"]["agreement_along_text"] == 1.0
+    assert main(["bench", *common, "--text", str(text), "--out", str(text_dir)]) == 2
+    assert "give --thresholds too" in capsys.readouterr().err
     assert main(["eval", *common, "--thresholds", "0.5,x", "--text", str(text)]) == 2
     assert "'x' is not a number" in capsys.readouterr().err
     assert main(["eval", *common, "--thresholds", "0.5"]) == 2

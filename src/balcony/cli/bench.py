@@ -11,6 +11,8 @@ import torch
 from ..bench.report import format_table, plot
 from ..bench.speed import run_bench
 from ..bench.token_exits import format_token_exit_bench, run_token_exit_bench
+from ..eval.texts import load_texts
+from ..eval.texts import text_windows as split_windows
 from ..inference.options import DraftOptions, ExitPolicy
 from ..inference.quantize import parse_mode
 from .common import build_model, parse_exits, parse_floats
@@ -40,6 +42,8 @@ def bench(
     thresholds: str | None = None,
     confidence_vocab: int | None = None,
     auto_exits: str | None = None,
+    text: str | None = None,
+    text_windows: int = 8,
     compile_backend: str = "inductor",
     device: str | None = None,
     dtype: str = "auto",
@@ -69,6 +73,8 @@ def bench(
         thresholds: Also time token-level exits at these thresholds (comma-separated, e.g. 0.5,0.7,0.9) on chat prompts at batch 1 and --batch-size, beside every fixed budget, with agreement along the generated text.
         confidence_vocab: Token-level exits score confidence over the first this many token ids only (e.g. 8192; default all).
         auto_exits: Token-level exits may stop a token only at these exits, comma-separated (e.g. S,L; default all).
+        text: With --thresholds: also time teacher-forced decoding along this held-out text (.jsonl or .txt, as `balcony eval --text`): prompts of --prompt-tokens tokens, then the text's next tokens fed one step at a time, so depths and agreement are the text's.
+        text_windows: With --text: how many windows of the text are decoded per run.
         compile_backend: The torch.compile backend of --compile (inductor; eager or aot_eager only trace, for quick checks).
         device: cpu, cuda, cuda:1, mps (default: CUDA, then MPS, else the CPU).
         dtype: Weights dtype: auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16.
@@ -79,6 +85,9 @@ def bench(
     if quantize:
         parse_mode(quantize)  # a bad mode fails before the model loads
     taus = parse_floats(thresholds, "--thresholds") if thresholds else []
+    if text and not taus:
+        raise ValueError(f"--text {text!r} times token-level exits along the text: give --thresholds too")
+    passages = load_texts(text) if text else None  # a missing file fails before the model loads
     if threads:
         torch.set_num_threads(threads)
     m, tok, trained = build_model(model, exits, exit_layers, exit_kind, dtype=dtype, device=device)
@@ -91,8 +100,14 @@ def bench(
     )
     result["exits_trained"] = trained
     if taus:
+        windows = None
+        if passages:
+            width = prompt_tokens + max_new_tokens - 1
+            windows = [w for w in split_windows(tok, ["\n\n".join(passages)], seq_len=width, max_tokens=text_windows * width) if len(w) == width]
+            if len(windows) < text_windows:
+                raise ValueError(f"--text {text!r} holds {len(windows)} windows of {width} tokens; --text-windows asks for {text_windows}")
         result["token_exits"] = run_token_exit_bench(
-            m, tok, taus, batch_sizes=sorted({1, batch_size}), max_new_tokens=max_new_tokens, repeats=repeats,
+            m, tok, taus, batch_sizes=sorted({1, batch_size}), max_new_tokens=max_new_tokens, repeats=repeats, text_windows=windows,
             policy=ExitPolicy(confidence_vocab=confidence_vocab, exits=parse_exits(auto_exits, "--auto-exits")), log=lambda s: print(s, file=sys.stderr),
         )
     print(format_table(result))

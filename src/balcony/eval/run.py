@@ -88,7 +88,8 @@ def _target_agreement(spec: str, scores, model) -> float:
 def _measured_token_speedups(path) -> dict[str, float]:
     """label -> measured batch-1 decode speed-up, from a `balcony bench --thresholds` JSON (empty if it has none)."""
     data = json.loads(Path(path).read_text())
-    rows = (data.get("token_exits") or {}).get("batch1") or {}
+    runs = data.get("token_exits") or {}
+    rows = runs.get("text_batch1") or runs.get("batch1") or {}  # along held-out text when the bench ran on it
     out = {k: float(r["speedup"]) for k, r in rows.items()}
     full = next((k for k in rows if rows[k].get("speedup") == 1.0 and not k.startswith("auto@")), None)
     if full is not None:

@@ -42,7 +42,7 @@ from .fast_path import FAST_MAX_TOKENS, _decode_layer
 from .options import DecodeOptions, resolve_options
 from .sampling import sample
 from .spans import DecodeState, Span, make_span, new_state, static_span
-from .stopping import StopChecker, check_inputs
+from .stopping import StopChecker, check_inputs, check_teacher_tokens
 
 if TYPE_CHECKING:  # types only: inference runs on any model with `parts` and `exits`
     from ..modeling.model import BalconyModel, Exit
@@ -174,6 +174,7 @@ def generate_stream(
     options: DecodeOptions | None = None,
     stop: Callable[[torch.Tensor], bool] | None = None,
     cancel: Callable[[], bool] | None = None,
+    teacher_tokens: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> Iterator[torch.Tensor]:
     """Yield (B,) new tokens one step at a time at one budget.
@@ -184,7 +185,9 @@ def generate_stream(
     when `cancel()` is True. `cancel` is asked before every prefill chunk
     (`DecodeOptions.prefill_chunk`) and every decode step, so a caller can
     abandon a long prompt mid-prefill (a server whose client left or timed out).
-    See `generate` for the other arguments.
+    `teacher_tokens` ((B, >= max_new_tokens - 1) ids): feed these after each step instead of the
+    chosen tokens (teacher-forced decoding, to time and score decoding along a given text; the stream
+    still yields the model's choices). See `generate` for the other arguments.
     """
     opts, _ = resolve_options(options, kwargs)
     check_inputs(input_ids, attention_mask, opts.max_new_tokens)
@@ -193,6 +196,7 @@ def generate_stream(
     b, t = input_ids.shape
     device = execution_device(model)
     check_generator(opts.generator, device)
+    forced = check_teacher_tokens(teacher_tokens, b, opts.max_new_tokens, device)
     step_fn = compiled_decode(model, opts.compile) if opts.compile else None
     max_len = t + opts.max_new_tokens
     if step_fn is not None:  # one traced step serves every length up to the next multiple of 256
@@ -216,7 +220,7 @@ def generate_stream(
                     return
                 if cancel is not None and cancel():
                     return
-                logits = decode_one_token(model, state, token, j, step_fn)
+                logits = decode_one_token(model, state, token if forced is None else forced[:, step], j, step_fn)
     finally:
         state.cache.release()  # pooled buffers go back for the next generation
 

@@ -7,6 +7,17 @@ from typing import Sequence
 import torch
 
 
+def check_teacher_tokens(tokens: torch.Tensor | None, batch: int, max_new_tokens: int, device: torch.device) -> torch.Tensor | None:
+    """The (B, >= max_new_tokens - 1) ids a teacher-forced stream feeds, on `device`; a ValueError naming the shape otherwise."""
+    if tokens is None:
+        return None
+    if not torch.is_tensor(tokens) or tokens.dim() != 2 or tokens.shape[0] != batch or tokens.shape[1] < max_new_tokens - 1:
+        shape = tuple(tokens.shape) if torch.is_tensor(tokens) else type(tokens).__name__
+        raise ValueError(f"teacher_tokens has shape {shape}: give (batch={batch}, >= max_new_tokens - 1 = {max_new_tokens - 1}) token ids, "
+                         "the text fed after each step")
+    return tokens.to(device=device, dtype=torch.long)
+
+
 def check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int) -> None:
     """Raise a ValueError naming the offending value for inputs no decoder can use."""
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:

@@ -37,7 +37,7 @@ from .options import DecodeOptions, ExitPolicy, resolve_options, resolve_policy
 from .quantize import head_rows
 from .sampling import sample
 from .spans import make_span, new_state
-from .stopping import StopChecker, check_inputs
+from .stopping import StopChecker, check_inputs, check_teacher_tokens
 
 if TYPE_CHECKING:  # types only: inference runs on any model with `parts` and `exits`
     from ..modeling.model import BalconyModel
@@ -123,6 +123,7 @@ def token_exit_stream(
     policy: ExitPolicy | None = None,
     stats: TokenExitStats | None = None,
     cancel: Callable[[], bool] | None = None,
+    teacher_tokens: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> Iterator[torch.Tensor]:
     """Yield (B,) new tokens, each from the first exit confident enough (see the module docstring).
@@ -135,6 +136,8 @@ def token_exit_stream(
         policy: Where tokens leave (`ExitPolicy`: threshold, exits, confidence vocabulary).
         stats: Filled in as decoding goes.
         cancel: Asked before each decode step; True ends the stream (a server abandoning a request).
+        teacher_tokens: (B, >= max_new_tokens - 1) ids fed after each step instead of the chosen tokens
+            (teacher-forced decoding along a given text; the stream still yields the exits' choices).
         **kwargs: `DecodeOptions` and `ExitPolicy` fields, overriding `options` and `policy`.
 
     Example:
@@ -153,6 +156,7 @@ def token_exit_stream(
     state = new_state(model, slots, b, max_len, attention_mask)
     head = parts.lm_head
     score_head = head_rows(head, policy.confidence_vocab) if policy.confidence_vocab else head
+    forced = check_teacher_tokens(teacher_tokens, b, opts.max_new_tokens, state.arange.device)
     stopper = StopChecker(b, opts.eos_token_id, opts.stop_strings, opts.tokenizer, opts.pad_token_id, state.arange.device)
     # saved[j]: (B, max_len, H) hidden state after layer j, for positions that still have to go deeper.
     saved: dict[int, torch.Tensor] = {}
@@ -206,7 +210,8 @@ def token_exit_stream(
             yield token
             if i == opts.max_new_tokens - 1 or stopper.all_done() or (cancel is not None and cancel()):
                 return
-            token = stopper(step(parts.embed_tokens(token[:, None]), t + i, 1, position_ids))
+            fed = token if forced is None else forced[:, i]
+            token = stopper(step(parts.embed_tokens(fed[:, None]), t + i, 1, position_ids))
 
 
 def token_exit_generate(
