@@ -338,6 +338,7 @@ def test_bench_measures_every_threshold_and_budget():
         assert rows["auto@1"]["agreement_along_text"] == 1.0 and rows["auto@1"]["identical_prefix"] == 1.0  # never leaves early
         assert rows["auto@0"]["agreement_along_text"] == rows["S"]["agreement_along_text"]  # always leaves at S
         assert rows["auto@0"]["mean_layers"] == 2 and rows["auto@1"]["mean_layers"] == 6
+        assert rows["auto@0"]["tokens_decided"] == 4 * 5  # the stats of one timed run cover every prompt, not the last batch
         assert all(r["decode_tok_s"] > 0 for r in rows.values())
     assert "auto@0" in format_token_exit_bench(result)
     # Along a held-out text (teacher-forced): every run is fed the same tokens, so agreement is the text's.

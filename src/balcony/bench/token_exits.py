@@ -115,7 +115,7 @@ def run_token_exit_bench(
                 st = row.pop("stats", None)
                 if st is not None:
                     mean_cost = sum(cost[j] * c for j, c in st.counts.items()) / max(st.tokens, 1)
-                    row.update(mean_layers=st.mean_layers, ideal_speedup=full_cost / mean_cost,
+                    row.update(mean_layers=st.mean_layers, ideal_speedup=full_cost / mean_cost, tokens_decided=st.tokens,
                                exits={j: st.fraction(j) for j in points}, catchup_positions=st.catchup_positions)
                 else:
                     row.update(mean_layers=float(model.budgets[key]), ideal_speedup=ideal_speedup(model, key))
@@ -152,6 +152,8 @@ def _measure(model, inputs, thresholds, policy, subset, max_new_tokens, repeats,
     def timed(key: str, make_stream) -> Callable[[], float]:
         def run() -> float:
             seconds, outs = 0.0, []
+            if key in stats:  # each timed run counts its own tokens, over every batch of inputs
+                stats[key] = TokenExitStats(points)
             for ids, mask, fed in inputs:
                 toks, first = [], None
                 for tok in make_stream(ids, mask, fed):
@@ -170,9 +172,9 @@ def _measure(model, inputs, thresholds, policy, subset, max_new_tokens, repeats,
             model, ids, mask, exit=j, max_new_tokens=max_new_tokens, teacher_tokens=fed))
     for tau in thresholds:
         key = auto_label(float(tau), subset)
+        stats[key] = TokenExitStats(points)
 
         def stream(ids, mask, fed, tau=tau, key=key):
-            stats[key] = TokenExitStats(points)
             return token_exit_stream(model, ids, mask, policy=policy, threshold=float(tau), max_new_tokens=max_new_tokens,
                                      stats=stats[key], teacher_tokens=fed)
 
