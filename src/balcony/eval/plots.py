@@ -247,9 +247,15 @@ def plot_token_exits(points: Sequence[Mapping[str, Any]], path: str | os.PathLik
     measured = all(p.get("measured_speedup") is not None for p in points if not str(p["label"]).startswith("early-exit"))
     x_of = (lambda p: p.get("measured_speedup")) if measured else (lambda p: p["ideal_speedup"])
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    curve = sorted((p for p in points if p.get("threshold") is not None), key=lambda p: p["threshold"])
-    if curve:
-        ax.plot([x_of(p) for p in curve], [100 * p["agreement"] for p in curve], "o-", color="tab:blue", label="token-level exits")
+    sets: dict[str, list] = {}  # one curve per exit set (every exit, or the subset a calibration chose)
+    for p in points:
+        if p.get("threshold") is not None:
+            key = "" if not p.get("exits") else str(p["label"]).split("[", 1)[1].split("]", 1)[0]
+            sets.setdefault(key, []).append(p)
+    for (key, members), color in zip(sorted(sets.items()), ("tab:blue", "tab:green", "tab:red", "tab:purple", "tab:brown")):
+        curve = sorted(members, key=lambda p: p["threshold"])
+        label = "token-level exits" + (f" (stopping only at {key})" if key else "")
+        ax.plot([x_of(p) for p in curve], [100 * p["agreement"] for p in curve], "o-", color=color, label=label)
         for p in curve:
             ax.annotate(f"{p['threshold']:.2g}", (x_of(p), 100 * p["agreement"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
     fixed = [p for p in points if p.get("threshold") is None and not str(p["label"]).startswith("early-exit")]
