@@ -120,8 +120,7 @@ def demo(
         print(f"{r['budget']:<10}{r['layer']:>7.1f}{r['tokens_per_s']:>8.1f}{r['speedup']:>9.2f}x{ideal:>8}  {r['text'][:70]}")
     if calibrated is not None:
         name = next(n for n, j in m.budgets.items() if j == largest)
-        names = {j: n for n, j in m.budgets.items()}
-        where = "" if calibrated.exits is None else f" (stopping only at {', '.join(names[j] for j in calibrated.exits)})"
+        where = "" if calibrated.exits is None else f" (stopping only at {', '.join(scores.budgets[j] for j in calibrated.exits)})"
         print(f"auto: token-level exits at threshold {calibrated.threshold:.3g}{where}, calibrated on {scores.positions:,} held-out tokens "
               f"to match {name}'s top-1 agreement ({100 * calibrated.agreement:.1f}% there; layers per token: the mean depth "
               f"where each answer token was decided)")
